@@ -1,0 +1,336 @@
+package puller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2/content"
+	"oras.land/oras-go/v2/errdef"
+	"oras.land/oras-go/v2/registry/remote"
+	"oras.land/oras-go/v2/registry/remote/auth"
+	"oras.land/oras-go/v2/registry/remote/credentials"
+	"oras.land/oras-go/v2/registry/remote/errcode"
+	"oras.land/oras-go/v2/registry/remote/retry"
+)
+
+// Defaults for Config's limits.
+const (
+	DefaultMaxModuleSize   = 256 << 20
+	DefaultMaxManifestSize = 4 << 20
+	maxIndexDepth          = 2
+	copyBufferSize         = 256 << 10
+)
+
+// Config is how a Puller reaches registries.
+type Config struct {
+	// InsecureRegistries are reached over plain HTTP: "host:port" names that
+	// port, "host" alone every port of it. Every other registry is HTTPS.
+	InsecureRegistries []string
+	// DockerConfig is the path of a Docker config.json with node credentials.
+	DockerConfig string
+	// MaxModuleSize caps a module's bytes (default 256 MiB).
+	MaxModuleSize int64
+	// MaxManifestSize caps a manifest or index (default 4 MiB).
+	MaxManifestSize int64
+	// Platform is the node's own, for image indexes (default: this binary's).
+	Platform Platform
+	// Transport is the base HTTP transport (default: one with timeouts).
+	Transport http.RoundTripper
+	// UserAgent is sent to registries.
+	UserAgent string
+}
+
+// Puller turns an image reference into verified module bytes.
+type Puller struct {
+	cfg       Config
+	client    *http.Client
+	nodeCache auth.Cache
+}
+
+// New returns a Puller for cfg.
+func New(cfg Config) *Puller {
+	if cfg.MaxModuleSize <= 0 {
+		cfg.MaxModuleSize = DefaultMaxModuleSize
+	}
+	if cfg.MaxManifestSize <= 0 {
+		cfg.MaxManifestSize = DefaultMaxManifestSize
+	}
+	if cfg.Platform.OS == "" {
+		cfg.Platform = Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}
+	}
+	if cfg.Transport == nil {
+		cfg.Transport = defaultTransport()
+	}
+	if cfg.UserAgent == "" {
+		cfg.UserAgent = "wasm-csi"
+	}
+	return &Puller{
+		cfg:       cfg,
+		client:    &http.Client{Transport: retry.NewTransport(cfg.Transport)},
+		nodeCache: auth.NewCache(),
+	}
+}
+
+func defaultTransport() http.RoundTripper {
+	return &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          32,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   15 * time.Second,
+		ResponseHeaderTimeout: 60 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+}
+
+// MaxModuleSize is the configured cap on a module's size.
+func (p *Puller) MaxModuleSize() int64 { return p.cfg.MaxModuleSize }
+
+// plainHTTP reports whether host[:port] was named by --insecure-registry.
+func (p *Puller) plainHTTP(registry string) bool {
+	host := registry
+	if h, _, err := net.SplitHostPort(registry); err == nil {
+		host = h
+	}
+	for _, r := range p.cfg.InsecureRegistries {
+		if r == registry || r == host {
+			return true
+		}
+	}
+	return false
+}
+
+// repository returns a client for ref's repository with node credentials.
+func (p *Puller) repository(ref Reference) (*remote.Repository, error) {
+	repo, err := remote.NewRepository(ref.Name())
+	if err != nil {
+		return nil, newError(ErrInvalidReference, ref.Original, err, "cannot use this repository name")
+	}
+	repo.PlainHTTP = p.plainHTTP(ref.Registry)
+	client := &auth.Client{Client: p.client, Cache: p.nodeCache, Header: http.Header{"User-Agent": {p.cfg.UserAgent}}}
+	if p.cfg.DockerConfig != "" {
+		client.Credential = p.nodeCredential
+	}
+	repo.Client = client
+	repo.SkipReferrersGC = true
+	return repo, nil
+}
+
+// nodeCredential reads the node's Docker config on each use, so a rotated
+// file takes effect without a restart.
+func (p *Puller) nodeCredential(ctx context.Context, hostport string) (auth.Credential, error) {
+	if _, err := os.Stat(p.cfg.DockerConfig); errors.Is(err, os.ErrNotExist) {
+		return auth.EmptyCredential, nil
+	}
+	store, err := credentials.NewFileStore(p.cfg.DockerConfig)
+	if err != nil {
+		return auth.EmptyCredential, fmt.Errorf("reading --docker-config: %w", err)
+	}
+	return credentials.Credential(store)(ctx, hostport)
+}
+
+// Resolve asks the registry which manifest the reference names now.
+func (p *Puller) Resolve(ctx context.Context, ref Reference) (ocispec.Descriptor, error) {
+	repo, err := p.repository(ref)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	target := ref.Tag
+	if ref.Digest != "" {
+		target = ref.Digest.String()
+	}
+	desc, err := repo.Resolve(ctx, target)
+	if err != nil {
+		return ocispec.Descriptor{}, classify(ref, err, "resolving "+target)
+	}
+	return desc, nil
+}
+
+// Module describes a pulled module.
+type Module struct {
+	// Manifest is the digest of the manifest the module came from (for an
+	// index, the index's own digest is what Resolve returned).
+	Manifest digest.Digest
+	// Layer is the digest of the layer that held the module.
+	Layer digest.Digest
+	// Layout is the image layout the module was found in.
+	Layout Layout
+	// Size is the module's size in bytes.
+	Size int64
+}
+
+// Pull fetches the image whose top-level manifest is desc and streams its
+// module into sink, verifying every digest on the way. Nothing is buffered
+// whole: memory stays flat whatever the module's size.
+func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descriptor, sink Sink) (Module, error) {
+	repo, err := p.repository(ref)
+	if err != nil {
+		return Module{}, err
+	}
+	m, err := p.fetchManifest(ctx, repo, ref, desc)
+	if err != nil {
+		return Module{}, err
+	}
+	for depth := 0; m.isIndex(desc.MediaType); depth++ {
+		if depth >= maxIndexDepth {
+			return Module{}, newError(ErrUnsupportedImage, ref.Original, nil, "image index nests more than %d levels deep", maxIndexDepth)
+		}
+		child, err := selectFromIndex(m, p.cfg.Platform)
+		if err != nil {
+			return Module{}, newError(ErrUnsupportedImage, ref.Original, err, "no Wasm entry in the image index")
+		}
+		if child.Digest == desc.Digest {
+			return Module{}, newError(ErrUnsupportedImage, ref.Original, nil, "image index points to itself")
+		}
+		desc = child
+		if m, err = p.fetchManifest(ctx, repo, ref, desc); err != nil {
+			return Module{}, err
+		}
+	}
+	src, err := selectModule(m)
+	if err != nil {
+		return Module{}, newError(ErrUnsupportedImage, ref.Original, err, "not a Wasm module in a known layout")
+	}
+	out := Module{Manifest: desc.Digest, Layer: src.Layer.Digest, Layout: src.Layout}
+	hs := &headerSink{Sink: sink, limit: p.cfg.MaxModuleSize}
+	if err := p.copyLayer(ctx, repo, ref, src, hs); err != nil {
+		return Module{}, err
+	}
+	if !hs.valid() {
+		return Module{}, newError(ErrInvalidModule, ref.Original, nil,
+			"the module does not start with the Wasm magic and version (\\0asm 1); push a compiled .wasm binary")
+	}
+	out.Size = hs.n
+	return out, nil
+}
+
+func (p *Puller) fetchManifest(ctx context.Context, repo *remote.Repository, ref Reference, desc ocispec.Descriptor) (*manifestDoc, error) {
+	if desc.Size > p.cfg.MaxManifestSize {
+		return nil, newError(ErrTooLarge, ref.Original, nil, "manifest %s is %d bytes, over the limit of %d", desc.Digest, desc.Size, p.cfg.MaxManifestSize)
+	}
+	rc, err := repo.Manifests().Fetch(ctx, desc)
+	if err != nil {
+		return nil, classify(ref, err, "fetching manifest "+desc.Digest.String())
+	}
+	defer rc.Close()
+	b, err := content.ReadAll(rc, desc)
+	if err != nil {
+		return nil, classify(ref, err, "reading manifest "+desc.Digest.String())
+	}
+	m, err := parseManifest(b)
+	if err != nil {
+		return nil, newError(ErrUnsupportedImage, ref.Original, err, "manifest %s is not valid JSON", desc.Digest)
+	}
+	return m, nil
+}
+
+// copyLayer streams the layer through digest verification into sink. For a
+// tar layer, only the module's bytes reach sink; the rest is read and dropped
+// so the layer's digest can be checked.
+func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Reference, src moduleSource, sink *headerSink) error {
+	layer := src.Layer
+	if !src.Tar && layer.Size > p.cfg.MaxModuleSize {
+		return newError(ErrTooLarge, ref.Original, nil, "module layer is %d bytes, over the limit of %d bytes; raise limits.maxModuleSize or shrink the module", layer.Size, p.cfg.MaxModuleSize)
+	}
+	// A tar layer may carry some overhead; a compressed one may expand.
+	maxOut := p.cfg.MaxModuleSize*2 + 16<<20
+	if src.Tar && layer.Size > maxOut {
+		return newError(ErrTooLarge, ref.Original, nil, "layer is %d bytes, over the limit of %d bytes", layer.Size, maxOut)
+	}
+	rc, err := repo.Blobs().Fetch(ctx, layer)
+	if err != nil {
+		return classify(ref, err, "fetching layer "+layer.Digest.String())
+	}
+	defer rc.Close()
+	vr := content.NewVerifyReader(rc, layer)
+	buf := make([]byte, copyBufferSize)
+	if !src.Tar {
+		if _, err := io.CopyBuffer(sink, vr, buf); err != nil {
+			return p.copyError(ref, layer, err)
+		}
+	} else {
+		r, closeFn, err := decompress(vr, src.Compression, maxOut)
+		if err != nil {
+			return p.copyError(ref, layer, err)
+		}
+		defer closeFn()
+		if _, err := extractFromTar(r, sink, p.cfg.MaxModuleSize, buf); err != nil {
+			return p.copyError(ref, layer, err)
+		}
+		// Read what is left (tar padding, the compressor's trailer) so the
+		// compressed stream is checked whole, then the layer's digest.
+		if _, err := io.CopyBuffer(io.Discard, r, buf); err != nil {
+			return p.copyError(ref, layer, err)
+		}
+		if _, err := io.CopyBuffer(io.Discard, vr, buf); err != nil {
+			return p.copyError(ref, layer, err)
+		}
+	}
+	if err := vr.Verify(); err != nil {
+		return p.copyError(ref, layer, err)
+	}
+	return nil
+}
+
+// copyError classifies a failure while a layer streamed.
+func (p *Puller) copyError(ref Reference, layer ocispec.Descriptor, err error) error {
+	var se *sizeError
+	var pe *Error
+	switch {
+	case errors.As(err, &pe):
+		return err
+	case errors.As(err, &se):
+		return newError(ErrTooLarge, ref.Original, nil, "%s; raise limits.maxModuleSize or shrink the module", se.Error())
+	case errors.Is(err, errLayerTooLarge):
+		return newError(ErrTooLarge, ref.Original, nil, "layer %s expands past %d bytes (a decompression bomb?); refused", layer.Digest, p.cfg.MaxModuleSize*2+16<<20)
+	case errors.Is(err, content.ErrMismatchedDigest), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, content.ErrTrailingData):
+		return newError(ErrUnavailable, ref.Original, err, "layer %s did not match its digest; nothing was stored, the pull will be retried", layer.Digest)
+	case isNetworkError(err):
+		return classify(ref, err, "downloading layer "+layer.Digest.String())
+	}
+	return newError(ErrUnsupportedImage, ref.Original, err, "cannot take the module out of layer %s", layer.Digest)
+}
+
+func isNetworkError(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
+}
+
+// classify maps a registry client error to a sentinel with a useful message.
+func classify(ref Reference, err error, doing string) error {
+	var resp *errcode.ErrorResponse
+	switch {
+	case errors.Is(err, errdef.ErrNotFound):
+		return newError(ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
+	case errors.As(err, &resp):
+		switch {
+		case resp.StatusCode == http.StatusNotFound:
+			return newError(ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
+		case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
+			return newError(ErrUnauthorized, ref.Original, nil, "%s: %s answered %d; give the pod an imagePullSecret or the node a --docker-config the registry accepts", doing, ref.Registry, resp.StatusCode)
+		case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+			return newError(ErrUnavailable, ref.Original, nil, "%s: %s answered %d; the pull will be retried", doing, ref.Registry, resp.StatusCode)
+		}
+		return newError(ErrUnavailable, ref.Original, nil, "%s: %s answered %d %s", doing, ref.Registry, resp.StatusCode, strings.TrimSpace(http.StatusText(resp.StatusCode)))
+	case errors.Is(err, auth.ErrBasicCredentialNotFound):
+		return newError(ErrUnauthorized, ref.Original, nil, "%s: %s asks for credentials and none were found; give the pod an imagePullSecret or the node a --docker-config", doing, ref.Registry)
+	case errors.Is(err, content.ErrMismatchedDigest), errors.Is(err, content.ErrTrailingData):
+		return newError(ErrUnavailable, ref.Original, err, "%s: the registry sent bytes that do not match their digest", doing)
+	case errors.Is(err, context.DeadlineExceeded):
+		return newError(ErrUnavailable, ref.Original, err, "%s: %s did not answer in time", doing, ref.Registry)
+	case errors.Is(err, context.Canceled):
+		return newError(ErrUnavailable, ref.Original, err, "%s: cancelled", doing)
+	}
+	return newError(ErrUnavailable, ref.Original, err, "%s: cannot reach %s; check the registry is up and reachable from the node", doing, ref.Registry)
+}

@@ -1,0 +1,105 @@
+package puller
+
+import (
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+	"oras.land/oras-go/v2/registry"
+)
+
+// Reference is a parsed, normalised image reference.
+type Reference struct {
+	// Registry is the host[:port] of the registry ("docker.io" for Docker Hub).
+	Registry string
+	// Repository is the repository path within the registry.
+	Repository string
+	// Tag is set when the reference names a tag ("latest" when none was given
+	// and there is no digest).
+	Tag string
+	// Digest is set when the reference names a manifest digest.
+	Digest digest.Digest
+	// Original is the string the user wrote.
+	Original string
+}
+
+// ParseReference parses an image reference as users write it in a pod spec:
+// "ghcr.io/acme/filter:1.0", "...@sha256:...", an optional "oci://" prefix,
+// and Docker Hub short names ("envoyproxy/wasm", "busybox").
+func ParseReference(s string) (Reference, error) {
+	orig := s
+	s = strings.TrimSpace(s)
+	s = strings.TrimPrefix(s, "oci://")
+	if s == "" {
+		return Reference{}, newError(ErrInvalidReference, orig, nil, "empty reference; set the volume attribute image to a reference like registry.example.com/repo/module:tag")
+	}
+	s = normaliseDockerHub(s)
+	// A reference may carry both a tag and a digest ("repo:tag@sha256:..."):
+	// the digest wins, as in kubelet.
+	name, dgst, hasDigest := strings.Cut(s, "@")
+	if hasDigest {
+		if i := strings.LastIndex(name, ":"); i > strings.LastIndex(name, "/") {
+			name = name[:i]
+		}
+		s = name + "@" + dgst
+	}
+	r, err := registry.ParseReference(s)
+	if err != nil {
+		return Reference{}, newError(ErrInvalidReference, orig, err, "cannot parse the image reference; use the form registry.example.com/repo/module:tag or @sha256:<digest>")
+	}
+	ref := Reference{Registry: r.Registry, Repository: r.Repository, Original: orig}
+	if d, err := r.Digest(); err == nil {
+		ref.Digest = d
+	} else if r.Reference != "" {
+		ref.Tag = r.Reference
+	} else {
+		ref.Tag = "latest"
+	}
+	return ref, nil
+}
+
+// normaliseDockerHub expands Docker Hub short names the way Docker does:
+// "busybox" -> "docker.io/library/busybox", "acme/x" -> "docker.io/acme/x".
+func normaliseDockerHub(s string) string {
+	first, rest, hasSlash := strings.Cut(s, "/")
+	if hasSlash && (strings.ContainsAny(first, ".:") || first == "localhost") {
+		return s
+	}
+	if !hasSlash {
+		return "docker.io/library/" + s
+	}
+	return "docker.io/" + first + "/" + rest
+}
+
+// String is the canonical form: registry/repository:tag or @digest.
+func (r Reference) String() string {
+	if r.Digest != "" {
+		return r.Registry + "/" + r.Repository + "@" + r.Digest.String()
+	}
+	return r.Registry + "/" + r.Repository + ":" + r.Tag
+}
+
+// Name is registry/repository without tag or digest.
+func (r Reference) Name() string { return r.Registry + "/" + r.Repository }
+
+// ByDigest returns the reference to the same repository at digest d.
+func (r Reference) ByDigest(d digest.Digest) Reference {
+	return Reference{Registry: r.Registry, Repository: r.Repository, Digest: d, Original: r.Original}
+}
+
+// IsLatest reports whether the reference is a tag named "latest" (given or
+// implied), for which the default pull policy is Always.
+func (r Reference) IsLatest() bool { return r.Digest == "" && r.Tag == "latest" }
+
+// Host returns the host name of the registry without the port.
+func (r Reference) Host() string {
+	h := r.Registry
+	if strings.HasPrefix(h, "[") {
+		if i := strings.Index(h, "]"); i > 0 {
+			return h[1:i]
+		}
+	}
+	if i := strings.LastIndex(h, ":"); i >= 0 {
+		return h[:i]
+	}
+	return h
+}
