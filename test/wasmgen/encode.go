@@ -124,17 +124,17 @@ func appendSection(b []byte, id byte, payload []byte) []byte {
 // Instruction helpers returning encoded instructions, so function bodies read
 // like a flat listing of the instruction sequence.
 
-func i32Const(v int32) []byte     { return appendS32([]byte{opI32Const}, v) }
-func localGet(i uint32) []byte    { return appendU32([]byte{opLocalGet}, i) }
-func localSet(i uint32) []byte    { return appendU32([]byte{opLocalSet}, i) }
-func globalGet(i uint32) []byte   { return appendU32([]byte{opGlobalGet}, i) }
-func globalSet(i uint32) []byte   { return appendU32([]byte{opGlobalSet}, i) }
-func call(f uint32) []byte        { return appendU32([]byte{opCall}, f) }
-func ifEmpty() []byte             { return []byte{opIf, blockEmpty} }
-func memorySize() []byte          { return []byte{opMemorySize, 0x00} }
-func memoryGrow() []byte          { return []byte{opMemoryGrow, 0x00} }
-func op(o byte) []byte            { return []byte{o} }
-func expr(ins ...[]byte) []byte   { return append(concat(ins...), opEnd) }
+func i32Const(v int32) []byte   { return appendS32([]byte{opI32Const}, v) }
+func localGet(i uint32) []byte  { return appendU32([]byte{opLocalGet}, i) }
+func localSet(i uint32) []byte  { return appendU32([]byte{opLocalSet}, i) }
+func globalGet(i uint32) []byte { return appendU32([]byte{opGlobalGet}, i) }
+func globalSet(i uint32) []byte { return appendU32([]byte{opGlobalSet}, i) }
+func call(f uint32) []byte      { return appendU32([]byte{opCall}, f) }
+func ifEmpty() []byte           { return []byte{opIf, blockEmpty} }
+func memorySize() []byte        { return []byte{opMemorySize, 0x00} }
+func memoryGrow() []byte        { return []byte{opMemoryGrow, 0x00} }
+func op(o byte) []byte          { return []byte{o} }
+func expr(ins ...[]byte) []byte { return append(concat(ins...), opEnd) }
 func concat(parts ...[]byte) []byte {
 	var out []byte
 	for _, p := range parts {

@@ -114,9 +114,12 @@ func padHeader(modLen, padTo int) ([]byte, int64, error) {
 	// the smallest width that can encode the payload size; when the exact
 	// size falls just past a LEB128 length boundary no shortest-form width
 	// fits, and the size is written with one padding byte instead.
+	// At least one filler byte is always written: wazero (with custom
+	// sections enabled) fails to decode an empty custom section at the end
+	// of a module.
 	for width := 1; width <= 5; width++ {
 		payload := rest - 1 - int64(width)
-		if payload < int64(nameLen) || payload > math.MaxUint32 {
+		if payload <= int64(nameLen) || payload > math.MaxUint32 {
 			continue
 		}
 		if u32Len(uint32(payload)) <= width {
@@ -125,7 +128,7 @@ func padHeader(modLen, padTo int) ([]byte, int64, error) {
 			return hdr, payload - int64(nameLen), nil
 		}
 	}
-	minimum := modLen + 2 + nameLen
+	minimum := modLen + 2 + nameLen + 1
 	if rest < int64(minimum-modLen) {
 		return nil, 0, fmt.Errorf("wasmgen: PadTo %d is too small: the module is %d bytes without padding and at least %d with it", padTo, modLen, minimum)
 	}

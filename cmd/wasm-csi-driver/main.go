@@ -1,0 +1,148 @@
+// Command wasm-csi-driver is the wasm-csi CSI node plugin: it pulls Wasm
+// modules packaged as OCI images once per node and bind-mounts them
+// read-only into pods through inline ephemeral CSI volumes.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/wasm-csi/wasm-csi/csi"
+	"github.com/wasm-csi/wasm-csi/node"
+	"github.com/wasm-csi/wasm-csi/puller"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// Config is everything the flags say.
+type Config struct {
+	Endpoint           string
+	NodeID             string
+	DriverName         string
+	RootDir            string
+	ConfigFile         string
+	Kubeconfig         string
+	InsecureRegistries []string
+	DockerConfig       string
+	MetricsAddress     string
+	LogLevel           string
+	LogFormat          string
+}
+
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+// parseFlags reads the command line into a Config.
+func parseFlags(args []string, stderr io.Writer) (Config, error) {
+	var c Config
+	fs := flag.NewFlagSet("wasm-csi-driver", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint, unix:///path/to/socket")
+	fs.StringVar(&c.NodeID, "node-id", "", "this node's name (required; usually $NODE_NAME)")
+	fs.StringVar(&c.DriverName, "driver-name", "wasm.csi.dev", "CSI driver name")
+	fs.StringVar(&c.RootDir, "root-dir", "/var/lib/wasm-csi", "host directory of the module store and volume records")
+	fs.StringVar(&c.ConfigFile, "config", "", "YAML config file, re-read when it changes")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig for running outside the cluster")
+	fs.Var((*stringList)(&c.InsecureRegistries), "insecure-registry", "HOST[:PORT] reached over plain HTTP (repeatable)")
+	fs.StringVar(&c.DockerConfig, "docker-config", "", "Docker config.json with node-level registry credentials")
+	fs.StringVar(&c.MetricsAddress, "metrics-address", ":9809", "address of the metrics and health endpoint")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", "json", "json or text")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if c.NodeID == "" {
+		return Config{}, errors.New("--node-id is required")
+	}
+	if _, err := csi.ParseEndpoint(c.Endpoint); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+func newLogger(c Config, w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch c.LogFormat {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q is not json or text", c.LogFormat)
+}
+
+func main() {
+	cfg, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wasm-csi-driver:", err)
+		os.Exit(2)
+	}
+	log, err := newLogger(cfg, os.Stderr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "wasm-csi-driver:", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, cfg, log); err != nil {
+		log.Error("exiting", "err", err)
+		os.Exit(1)
+	}
+}
+
+// run wires the parts together and serves until ctx ends.
+func run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	log.Info("starting", "version", version, "driver", cfg.DriverName, "node", cfg.NodeID, "root", cfg.RootDir, "endpoint", cfg.Endpoint)
+	if cfg.Kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+		log.Info("no Kubernetes API: running with node credentials only (no pull secrets, no pod events)")
+	}
+	store, err := node.OpenStore(cfg.RootDir)
+	if err != nil {
+		return err
+	}
+	pl := puller.New(puller.Config{
+		InsecureRegistries: cfg.InsecureRegistries,
+		DockerConfig:       cfg.DockerConfig,
+		UserAgent:          "wasm-csi/" + version,
+	})
+	svc := node.NewService(node.Config{}, store, pl, node.NewMounter(), log)
+	sock, _ := csi.ParseEndpoint(cfg.Endpoint)
+	srv, err := csi.Listen(sock,
+		&csi.IdentityServer{Name: cfg.DriverName, Version: version},
+		&csi.NodeServer{NodeID: cfg.NodeID, Publisher: svc}, log)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", cfg.Endpoint, err)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve() }()
+	log.Info("serving", "endpoint", cfg.Endpoint)
+	select {
+	case <-ctx.Done():
+		log.Info("stopping")
+		srv.Stop()
+		return nil
+	case err := <-errc:
+		return err
+	}
+}

@@ -1,0 +1,85 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+// ParseEndpoint returns the socket path of a "unix:///path" endpoint.
+func ParseEndpoint(ep string) (string, error) {
+	switch {
+	case strings.HasPrefix(ep, "unix://"):
+		p := strings.TrimPrefix(ep, "unix://")
+		if p == "" {
+			return "", fmt.Errorf("endpoint %q has no path", ep)
+		}
+		return p, nil
+	case strings.HasPrefix(ep, "/"):
+		return ep, nil
+	}
+	return "", fmt.Errorf("endpoint %q is not unix:///path", ep)
+}
+
+// Server serves Identity and Node on a unix socket.
+type Server struct {
+	grpc *grpc.Server
+	lis  net.Listener
+}
+
+// Listen removes a stale socket at path, listens there and registers the
+// services. Serve starts answering.
+func Listen(path string, id *IdentityServer, ns *NodeServer, log *slog.Logger) (*Server, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	g := grpc.NewServer(grpc.UnaryInterceptor(logCalls(log)))
+	csipb.RegisterIdentityServer(g, id)
+	csipb.RegisterNodeServer(g, ns)
+	return &Server{grpc: g, lis: lis}, nil
+}
+
+// Serve answers calls until Stop.
+func (s *Server) Serve() error { return s.grpc.Serve(s.lis) }
+
+// Stop ends the server, letting calls in flight finish.
+func (s *Server) Stop() { s.grpc.GracefulStop() }
+
+// logCalls logs every call with its method, volume, duration and code.
+// Requests are not logged whole: NodePublishVolume may carry secrets.
+func logCalls(log *slog.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		resp, err := handler(ctx, req)
+		attrs := []any{"method", info.FullMethod, "duration", time.Since(start), "code", status.Code(err).String()}
+		if v, ok := req.(interface{ GetVolumeId() string }); ok && v.GetVolumeId() != "" {
+			attrs = append(attrs, "volume", v.GetVolumeId())
+		}
+		switch {
+		case err != nil:
+			log.Warn("csi call failed", append(attrs, "err", status.Convert(err).Message())...)
+		case strings.HasSuffix(info.FullMethod, "Probe"), strings.HasSuffix(info.FullMethod, "Capabilities"), strings.HasSuffix(info.FullMethod, "Info"):
+			log.Debug("csi call", attrs...)
+		default:
+			log.Info("csi call", attrs...)
+		}
+		return resp, err
+	}
+}

@@ -1,0 +1,72 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+	mount "k8s.io/mount-utils"
+)
+
+// Mounter makes and removes the read-only bind mounts pods see.
+//
+// It calls mount(2) and umount(2) directly rather than mount-utils' Mounter,
+// which runs the mount(8) and umount(8) binaries: the driver's image is a
+// static binary with no util-linux, and the syscalls say exactly which flags
+// are set. mount-utils still answers "is this a mount point".
+type Mounter struct {
+	probe *mount.Mounter
+}
+
+// NewMounter returns a Mounter.
+func NewMounter() *Mounter {
+	return &Mounter{probe: mount.New("").(*mount.Mounter)}
+}
+
+// BindReadOnly bind-mounts the directory src at target, then remounts it
+// read-only, nosuid and nodev. Flags the kernel locks on src's mount (in a
+// user namespace: noexec, atime flags) are kept, or the remount would fail.
+func (m *Mounter) BindReadOnly(src, target string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(src, &st); err != nil {
+		return &os.PathError{Op: "statfs", Path: src, Err: err}
+	}
+	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
+		return &os.PathError{Op: "bind mount " + src + " on", Path: target, Err: err}
+	}
+	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV)
+	keep := uintptr(unix.MS_NOEXEC | unix.MS_NOATIME | unix.MS_NODIRATIME | unix.MS_RELATIME)
+	flags |= uintptr(st.Flags) & keep
+	if err := unix.Mount("", target, "", flags, ""); err != nil {
+		_ = unix.Unmount(target, unix.MNT_DETACH)
+		return &os.PathError{Op: "remount read-only", Path: target, Err: err}
+	}
+	return nil
+}
+
+// IsMountPoint reports whether p is a mount point. A missing p is not.
+func (m *Mounter) IsMountPoint(p string) (bool, error) {
+	ok, err := m.probe.IsMountPoint(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	return ok, err
+}
+
+// Unmount removes every mount stacked on target. Not mounted is success.
+func (m *Mounter) Unmount(target string) error {
+	for i := 0; i < 16; i++ {
+		mounted, err := m.IsMountPoint(target)
+		if err != nil {
+			return fmt.Errorf("checking mount point %s: %w", target, err)
+		}
+		if !mounted {
+			return nil
+		}
+		if err := unix.Unmount(target, 0); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return &os.PathError{Op: "unmount", Path: target, Err: err}
+		}
+	}
+	return fmt.Errorf("unmount %s: still mounted after 16 unmounts", target)
+}

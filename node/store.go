@@ -1,0 +1,323 @@
+package node
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Store is the content-addressed module store under the root directory:
+//
+//	blobs/sha256/<hex>        module bytes, read-only, named by their sha256
+//	refs/<sha256(ref)>.json   which module an image reference resolved to
+//	views/<hex>/<file>/<file> a hard link to the blob, the directory pods mount
+//	volumes/<sha256(id)>.json one record per published volume
+//
+// Every file is written as a temp file (".tmp-" prefix) in its final
+// directory, synced, made read-only and renamed into place. Temp files are
+// never looked up and are removed at start.
+type Store struct {
+	root string
+}
+
+const tmpPrefix = ".tmp-"
+
+// OpenStore creates the layout under root if needed and removes leftovers of
+// interrupted writes.
+func OpenStore(root string) (*Store, error) {
+	s := &Store{root: root}
+	for _, d := range []string{s.blobDir(), s.refDir(), s.viewRoot(), s.volumeDir()} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("creating store directory %s: %w", d, err)
+		}
+	}
+	if err := s.removeTemps(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Root is the store's root directory.
+func (s *Store) Root() string { return s.root }
+
+func (s *Store) blobDir() string   { return filepath.Join(s.root, "blobs", "sha256") }
+func (s *Store) refDir() string    { return filepath.Join(s.root, "refs") }
+func (s *Store) viewRoot() string  { return filepath.Join(s.root, "views") }
+func (s *Store) volumeDir() string { return filepath.Join(s.root, "volumes") }
+
+// removeTemps deletes temp files left by a crash in every store directory.
+func (s *Store) removeTemps() error {
+	return filepath.WalkDir(s.root, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if strings.HasPrefix(d.Name(), tmpPrefix) {
+			if d.IsDir() {
+				if err := os.RemoveAll(p); err != nil {
+					return err
+				}
+				return filepath.SkipDir
+			}
+			_ = os.Chmod(p, 0o600)
+			return os.Remove(p)
+		}
+		return nil
+	})
+}
+
+// BlobPath is where the module with digest d is stored.
+func (s *Store) BlobPath(d digest.Digest) string {
+	return filepath.Join(s.blobDir(), d.Encoded())
+}
+
+// HasBlob reports whether the module d is stored.
+func (s *Store) HasBlob(d digest.Digest) bool {
+	if d.Validate() != nil || d.Algorithm() != digest.SHA256 {
+		return false
+	}
+	fi, err := os.Stat(s.BlobPath(d))
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// BlobWriter streams a module into a temp file beside its final place,
+// hashing as it goes.
+type BlobWriter struct {
+	s    *Store
+	f    *os.File
+	h    hash.Hash
+	n    int64
+	done bool
+}
+
+// NewBlobWriter starts a new module write.
+func (s *Store) NewBlobWriter() (*BlobWriter, error) {
+	f, err := os.CreateTemp(s.blobDir(), tmpPrefix+"*")
+	if err != nil {
+		return nil, storageError(err, "creating a temp file in the store")
+	}
+	return &BlobWriter{s: s, f: f, h: sha256.New()}, nil
+}
+
+func (w *BlobWriter) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	w.h.Write(p[:n])
+	w.n += int64(n)
+	if err != nil {
+		return n, storageError(err, "writing the module to the store")
+	}
+	return n, nil
+}
+
+// Reset discards what was written.
+func (w *BlobWriter) Reset() error {
+	if _, err := w.f.Seek(0, io.SeekStart); err != nil {
+		return storageError(err, "rewinding a temp file")
+	}
+	if err := w.f.Truncate(0); err != nil {
+		return storageError(err, "truncating a temp file")
+	}
+	w.h.Reset()
+	w.n = 0
+	return nil
+}
+
+// Size is the number of bytes written so far.
+func (w *BlobWriter) Size() int64 { return w.n }
+
+// Digest is the sha256 of what was written so far.
+func (w *BlobWriter) Digest() digest.Digest {
+	return digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(w.h.Sum(nil)))
+}
+
+// Commit syncs the temp file, makes it read-only and renames it to its
+// digest. verify, if not nil, sees the temp file's path before it is renamed;
+// an error from it aborts the commit. If the blob is already stored the temp
+// file is dropped. It returns the module's digest.
+func (w *BlobWriter) Commit(verify func(path string) error) (digest.Digest, error) {
+	if w.done {
+		return "", errors.New("blob writer already finished")
+	}
+	w.done = true
+	d := w.Digest()
+	tmp := w.f.Name()
+	if err := w.f.Sync(); err != nil {
+		w.f.Close()
+		os.Remove(tmp)
+		return "", storageError(err, "syncing the module to disk")
+	}
+	if err := w.f.Close(); err != nil {
+		os.Remove(tmp)
+		return "", storageError(err, "closing the module file")
+	}
+	if verify != nil {
+		if err := verify(tmp); err != nil {
+			os.Remove(tmp)
+			return "", err
+		}
+	}
+	if w.s.HasBlob(d) {
+		os.Remove(tmp)
+		return d, nil
+	}
+	if err := os.Chmod(tmp, 0o444); err != nil {
+		os.Remove(tmp)
+		return "", storageError(err, "making the module read-only")
+	}
+	if err := os.Rename(tmp, w.s.BlobPath(d)); err != nil {
+		os.Remove(tmp)
+		return "", storageError(err, "renaming the module into place")
+	}
+	if err := syncDir(w.s.blobDir()); err != nil {
+		return "", err
+	}
+	return d, nil
+}
+
+// Abort drops the temp file. It is a no-op after Commit.
+func (w *BlobWriter) Abort() {
+	if w.done {
+		return
+	}
+	w.done = true
+	w.f.Close()
+	os.Remove(w.f.Name())
+}
+
+// RefRecord is what an image reference resolved to, for IfNotPresent and
+// Never: the manifest digest and the module it held.
+type RefRecord struct {
+	Ref      string        `json:"ref"`
+	Manifest digest.Digest `json:"manifest"`
+	Module   digest.Digest `json:"module"`
+	Size     int64         `json:"size"`
+	Layout   string        `json:"layout,omitempty"`
+	PulledAt time.Time     `json:"pulledAt"`
+}
+
+func (s *Store) refPath(ref string) string {
+	sum := sha256.Sum256([]byte(ref))
+	return filepath.Join(s.refDir(), hex.EncodeToString(sum[:])+".json")
+}
+
+// GetRef returns the record of ref, if there is one whose module is stored.
+func (s *Store) GetRef(ref string) (RefRecord, bool) {
+	var rec RefRecord
+	if err := readJSON(s.refPath(ref), &rec); err != nil || rec.Ref != ref || !s.HasBlob(rec.Module) {
+		return RefRecord{}, false
+	}
+	return rec, true
+}
+
+// PutRef records what ref resolved to.
+func (s *Store) PutRef(rec RefRecord) error {
+	return writeJSON(s.refPath(rec.Ref), rec)
+}
+
+// ViewDir returns the directory pods mount for module d under fileName,
+// creating it (a hard link to the blob: one inode for every pod) if needed.
+func (s *Store) ViewDir(d digest.Digest, fileName string) (string, error) {
+	dir := filepath.Join(s.viewRoot(), d.Encoded(), fileName)
+	link := filepath.Join(dir, fileName)
+	blob := s.BlobPath(d)
+	if sameFile(link, blob) {
+		return dir, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", storageError(err, "creating the module's view directory")
+	}
+	// Link under a temp name and rename, so a reader never sees a missing or
+	// foreign file at the final name.
+	tmp := filepath.Join(dir, tmpPrefix+fileName)
+	os.Remove(tmp)
+	if err := os.Link(blob, tmp); err != nil {
+		return "", storageError(err, "linking the module into its view directory")
+	}
+	if err := os.Rename(tmp, link); err != nil {
+		os.Remove(tmp)
+		return "", storageError(err, "renaming the module link into place")
+	}
+	if err := syncDir(dir); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
+func sameFile(a, b string) bool {
+	fa, err := os.Stat(a)
+	if err != nil {
+		return false
+	}
+	fb, err := os.Stat(b)
+	return err == nil && os.SameFile(fa, fb)
+}
+
+// writeJSON writes v to path atomically: temp file, sync, chmod, rename.
+func writeJSON(path string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, tmpPrefix+"*")
+	if err != nil {
+		return storageError(err, "creating a temp record")
+	}
+	tmp := f.Name()
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(tmp, 0o444)
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return storageError(err, "writing record "+filepath.Base(path))
+	}
+	return syncDir(dir)
+}
+
+func readJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return storageError(err, "opening directory to sync")
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return storageError(err, "syncing directory")
+	}
+	return nil
+}
+
+// storageError classifies a filesystem error: a full disk is ErrNoSpace.
+func storageError(err error, doing string) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return newError(ErrNoSpace, "", err, "%s: the store's disk is full; free space or lower limits.maxStoreSize", doing)
+	}
+	return newError(ErrInternal, "", err, "%s", doing)
+}
