@@ -137,24 +137,18 @@ func padHeader(modLen, padTo int) ([]byte, int64, error) {
 
 // writeFiller writes n deterministic pseudo-random bytes (splitmix64) to w.
 func writeFiller(w io.Writer, n int64) (int64, error) {
-	buf := make([]byte, 64<<10)
+	buf := make([]byte, 64<<10) // a multiple of 8
 	var state uint64
 	var written int64
 	for written < n {
-		chunk := buf
-		if rem := n - written; rem < int64(len(chunk)) {
-			chunk = chunk[:rem]
-		}
-		for i := 0; i < len(chunk); i += 8 {
+		for i := 0; i < len(buf); i += 8 {
 			state += 0x9E3779B97F4A7C15
 			z := state
 			z = (z ^ z>>30) * 0xBF58476D1CE4E5B9
 			z = (z ^ z>>27) * 0x94D049BB133111EB
-			z ^= z >> 31
-			var word [8]byte
-			binary.LittleEndian.PutUint64(word[:], z)
-			copy(chunk[i:], word[:])
+			binary.LittleEndian.PutUint64(buf[i:], z^z>>31)
 		}
+		chunk := buf[:min(int64(len(buf)), n-written)]
 		m, err := w.Write(chunk)
 		written += int64(m)
 		if err != nil {

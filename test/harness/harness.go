@@ -1,0 +1,304 @@
+// Package harness runs the real wasm-csi-driver binary for tests and calls
+// it over its unix socket the way kubelet does.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// RepoRoot finds the module root by walking up to go.mod.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("go.mod not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// BuildDriver builds the daemon into dir, with the race detector when race
+// is set, and returns the binary's path.
+func BuildDriver(dir string, race bool) (string, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "wasm-csi-driver")
+	args := []string{"build", "-o", out}
+	if race {
+		args = append(args, "-race")
+	}
+	args = append(args, "./cmd/wasm-csi-driver")
+	cmd := exec.Command("go", args...)
+	cmd.Dir = root
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build: %v\n%s", err, b)
+	}
+	return out, nil
+}
+
+// RequireRoot fails under CI and skips elsewhere when not root: the suites
+// make real mounts.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("this suite makes real mounts and must run as root")
+	}
+	t.Skip("needs root for real mounts")
+}
+
+// Daemon is a running wasm-csi-driver process.
+type Daemon struct {
+	Bin    string
+	Root   string
+	Socket string
+	Args   []string
+
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	logs     *syncBuffer
+	conn     *grpc.ClientConn
+	Node     csipb.NodeClient
+	Identity csipb.IdentityClient
+}
+
+// DaemonOptions are extra flags for the daemon.
+type DaemonOptions struct {
+	// Root is the --root-dir; a temp dir when empty.
+	Root string
+	// Args are more flags, e.g. --insecure-registry=HOST.
+	Args []string
+}
+
+// StartDaemon starts the daemon and waits until it answers Probe. It is
+// killed when the test ends.
+func StartDaemon(t testing.TB, bin string, opts DaemonOptions) *Daemon {
+	t.Helper()
+	dir := t.TempDir()
+	root := opts.Root
+	if root == "" {
+		root = filepath.Join(dir, "store")
+	}
+	d := &Daemon{
+		Bin:    bin,
+		Root:   root,
+		Socket: filepath.Join(dir, "csi.sock"),
+		Args:   opts.Args,
+	}
+	if err := d.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		d.Stop()
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.Logs())
+		}
+	})
+	return d
+}
+
+// Start starts (or restarts) the process with the same flags.
+func (d *Daemon) Start() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.logs == nil {
+		d.logs = &syncBuffer{}
+	}
+	args := append([]string{
+		"--endpoint=unix://" + d.Socket,
+		"--node-id=test-node",
+		"--root-dir=" + d.Root,
+		"--metrics-address=127.0.0.1:0",
+		"--log-level=debug",
+	}, d.Args...)
+	cmd := exec.Command(d.Bin, args...)
+	cmd.Stdout = d.logs
+	cmd.Stderr = d.logs
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	d.cmd = cmd
+	conn, err := grpc.NewClient("unix://"+d.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	d.conn = conn
+	d.Node = csipb.NewNodeClient(conn)
+	d.Identity = csipb.NewIdentityClient(conn)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := d.Identity.Probe(ctx, &csipb.ProbeRequest{})
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("daemon did not answer Probe in 30s: %v\n%s", err, d.logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Kill sends SIGKILL and waits for the process to go.
+func (d *Daemon) Kill() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	_ = d.cmd.Wait()
+	d.cmd = nil
+	d.conn.Close()
+}
+
+// Stop sends SIGTERM and waits, killing after 10s.
+func (d *Daemon) Stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = d.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = d.cmd.Process.Signal(syscall.SIGKILL)
+		<-done
+	}
+	d.cmd = nil
+	d.conn.Close()
+}
+
+// Pid is the process id, or 0 when not running.
+func (d *Daemon) Pid() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cmd == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
+}
+
+// Logs is everything the daemon wrote so far.
+func (d *Daemon) Logs() string { return d.logs.String() }
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// Kubelet lays out a kubelet-like pods tree and builds the requests kubelet
+// sends for inline ephemeral volumes.
+type Kubelet struct {
+	Root string
+}
+
+// NewKubelet makes a kubelet root in a temp dir.
+func NewKubelet(t testing.TB) *Kubelet {
+	return &Kubelet{Root: t.TempDir()}
+}
+
+// Pod is a pod kubelet is setting up.
+type Pod struct {
+	Name, Namespace, UID, ServiceAccount string
+}
+
+// NewPod returns a pod with a fresh UID.
+func NewPod(name string) Pod {
+	sum := sha256.Sum256([]byte(fmt.Sprintf("%s-%d", name, time.Now().UnixNano())))
+	h := hex.EncodeToString(sum[:16])
+	uid := h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
+	return Pod{Name: name, Namespace: "default", UID: uid, ServiceAccount: "default"}
+}
+
+// PublishRequest builds the NodePublishVolume kubelet sends for volume
+// volName of pod with the given attributes, creating the target's parent
+// as kubelet does.
+func (k *Kubelet) PublishRequest(pod Pod, volName string, attrs map[string]string) (*csipb.NodePublishVolumeRequest, error) {
+	target := filepath.Join(k.Root, "pods", pod.UID, "volumes", "kubernetes.io~csi", volName, "mount")
+	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+		return nil, err
+	}
+	vc := map[string]string{
+		"csi.storage.k8s.io/ephemeral":           "true",
+		"csi.storage.k8s.io/pod.name":            pod.Name,
+		"csi.storage.k8s.io/pod.namespace":       pod.Namespace,
+		"csi.storage.k8s.io/pod.uid":             pod.UID,
+		"csi.storage.k8s.io/serviceAccount.name": pod.ServiceAccount,
+	}
+	for k, v := range attrs {
+		vc[k] = v
+	}
+	// kubelet names ephemeral volumes csi-<sha256 of pod uid and volume name>.
+	sum := sha256.Sum256([]byte(pod.UID + "/" + volName))
+	return &csipb.NodePublishVolumeRequest{
+		VolumeId:   "csi-" + hex.EncodeToString(sum[:]),
+		TargetPath: target,
+		VolumeCapability: &csipb.VolumeCapability{
+			AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{}},
+			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		},
+		Readonly:      true,
+		VolumeContext: vc,
+	}, nil
+}
+
+// MountOptions returns the per-mount options of target from
+// /proc/self/mountinfo (e.g. "ro,nosuid,nodev,relatime"), or "" if not mounted.
+func MountOptions(target string) (string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	opts := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 5 && f[4] == target {
+			opts = f[5] // the last mount stacked on target wins
+		}
+	}
+	return opts, nil
+}
