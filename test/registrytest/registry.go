@@ -52,7 +52,7 @@ const RegistryVersion = "v3.1.2"
 const (
 	defaultStartTimeout = 30 * time.Second
 	startAttempts       = 3
-	logTailBytes        = 8 << 10
+	logTailBytes        = 4 << 10
 )
 
 // Options configures Start.
