@@ -1,6 +1,7 @@
 package node
 
 import (
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -13,8 +14,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 )
 
 // Store is the content-addressed module store under the root directory:
@@ -92,43 +95,231 @@ func (s *Store) HasBlob(d digest.Digest) bool {
 
 // BlobWriter streams a module into a temp file beside its final place,
 // hashing as it goes.
+//
+// Where the filesystem allows it, the file is written with O_DIRECT from an
+// aligned staging buffer: a module is written once and read back by pods
+// later, so filling the page cache while it downloads only costs time (on
+// virtual machines, first-touch of fresh page-cache memory made a buffered
+// 64 MiB write 5x slower than the download itself). The unaligned tail is
+// written after O_DIRECT is switched off. Commit still fsyncs.
 type BlobWriter struct {
-	s    *Store
-	f    *os.File
-	h    hash.Hash
-	n    int64
-	done bool
+	s      *Store
+	f      *os.File
+	h      hash.Hash
+	n      int64
+	direct bool
+	stage  []byte // aligned; holds up to len(stage) bytes not yet written
+	staged int
+	// In direct mode full stage buffers go to a writer goroutine, so disk
+	// writes overlap hashing; spare holds the buffers not in use.
+	spare   chan []byte
+	pending chan []byte
+	wdone   chan error
+	werr    error
+	// flushed is the offset up to which buffered writeback was started.
+	flushed int64
+	done    bool
 }
+
+const (
+	stageSize = 1 << 20
+	alignment = 4096
+)
 
 // NewBlobWriter starts a new module write.
 func (s *Store) NewBlobWriter() (*BlobWriter, error) {
-	f, err := os.CreateTemp(s.blobDir(), tmpPrefix+"*")
+	f, direct, err := createTemp(s.blobDir())
 	if err != nil {
 		return nil, storageError(err, "creating a temp file in the store")
 	}
-	return &BlobWriter{s: s, f: f, h: sha256.New()}, nil
+	w := &BlobWriter{s: s, f: f, h: sha256.New(), direct: direct}
+	if direct {
+		w.startDirectWriter()
+	}
+	return w, nil
+}
+
+// createTemp makes a new temp file in dir, with O_DIRECT when dir's
+// filesystem supports it.
+func createTemp(dir string) (*os.File, bool, error) {
+	var rnd [8]byte
+	for i := 0; ; i++ {
+		if _, err := rand.Read(rnd[:]); err != nil {
+			return nil, false, err
+		}
+		name := filepath.Join(dir, tmpPrefix+hex.EncodeToString(rnd[:]))
+		f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_DIRECT, 0o600)
+		if err == nil {
+			return f, true, nil
+		}
+		if errors.Is(err, syscall.EINVAL) {
+			f, err = os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+			return f, false, err
+		}
+		if !errors.Is(err, os.ErrExist) || i > 10 {
+			return nil, false, err
+		}
+	}
+}
+
+// alignedBuffer returns n bytes starting at an address aligned for O_DIRECT.
+func alignedBuffer(n int) []byte {
+	b := make([]byte, n+alignment)
+	off := int(uintptr(unsafe.Pointer(&b[0])) & (alignment - 1))
+	if off != 0 {
+		off = alignment - off
+	}
+	return b[off : off+n : off+n]
 }
 
 func (w *BlobWriter) Write(p []byte) (int, error) {
-	n, err := w.f.Write(p)
-	w.h.Write(p[:n])
-	w.n += int64(n)
-	if err != nil {
-		return n, storageError(err, "writing the module to the store")
+	w.h.Write(p)
+	if !w.direct {
+		n, err := w.f.Write(p)
+		w.n += int64(n)
+		if err != nil {
+			return n, storageError(err, "writing the module to the store")
+		}
+		w.startWriteback()
+		return n, nil
 	}
-	return n, nil
+	written := 0
+	for written < len(p) {
+		c := copy(w.stage[w.staged:], p[written:])
+		w.staged += c
+		written += c
+		if w.staged == len(w.stage) {
+			if err := w.flushStage(); err != nil {
+				return written - c, err
+			}
+		}
+	}
+	w.n += int64(len(p))
+	return len(p), nil
+}
+
+// startWriteback asks the kernel to begin writing back what a buffered
+// writer wrote so far, without waiting, so Commit's fsync has little left.
+func (w *BlobWriter) startWriteback() {
+	if w.n-w.flushed >= writebackChunk {
+		_ = unix.SyncFileRange(int(w.f.Fd()), w.flushed, w.n-w.flushed, unix.SYNC_FILE_RANGE_WRITE)
+		w.flushed = w.n
+	}
+}
+
+// writebackChunk is how much a buffered BlobWriter writes between writeback
+// requests.
+const writebackChunk = 8 << 20
+
+// startDirectWriter starts the goroutine that writes full, aligned stage
+// buffers with O_DIRECT while the caller hashes and fills the next one.
+func (w *BlobWriter) startDirectWriter() {
+	w.spare = make(chan []byte, 2)
+	w.spare <- alignedBuffer(stageSize)
+	w.spare <- alignedBuffer(stageSize)
+	w.pending = make(chan []byte, 2)
+	w.wdone = make(chan error, 1)
+	w.stage = <-w.spare
+	go func(f *os.File, pending <-chan []byte, spare chan<- []byte, done chan<- error) {
+		var err error
+		for b := range pending {
+			if err == nil {
+				_, err = f.Write(b)
+			}
+			spare <- b
+		}
+		done <- err
+	}(w.f, w.pending, w.spare, w.wdone)
+}
+
+// waitDirectWriter stops the writer goroutine and returns its first error.
+func (w *BlobWriter) waitDirectWriter() error {
+	if w.pending == nil {
+		return w.werr
+	}
+	close(w.pending)
+	w.werr = <-w.wdone
+	w.pending = nil
+	if w.werr != nil {
+		return storageError(w.werr, "writing the module to the store")
+	}
+	return nil
+}
+
+// flushStage hands a full stage buffer to the writer goroutine.
+func (w *BlobWriter) flushStage() error {
+	if w.pending == nil {
+		return w.waitDirectWriter()
+	}
+	w.pending <- w.stage
+	w.stage = <-w.spare
+	w.staged = 0
+	return nil
+}
+
+// flushTail waits for the writer goroutine, then writes the partial stage
+// buffer with O_DIRECT switched off (it need not be aligned).
+func (w *BlobWriter) flushTail() error {
+	if w.stage == nil {
+		return nil
+	}
+	if err := w.waitDirectWriter(); err != nil {
+		return err
+	}
+	if w.staged == 0 {
+		return nil
+	}
+	if w.direct {
+		if err := setDirect(w.f, false); err != nil {
+			return storageError(err, "switching off O_DIRECT for the tail")
+		}
+		w.direct = false
+	}
+	if _, err := w.f.Write(w.stage[:w.staged]); err != nil {
+		return storageError(err, "writing the module to the store")
+	}
+	w.staged = 0
+	return nil
+}
+
+func setDirect(f *os.File, on bool) error {
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return err
+	}
+	if on {
+		fl |= syscall.O_DIRECT
+	} else {
+		fl &^= syscall.O_DIRECT
+	}
+	_, err = unix.FcntlInt(f.Fd(), unix.F_SETFL, fl)
+	return err
 }
 
 // Reset discards what was written.
 func (w *BlobWriter) Reset() error {
+	if w.stage != nil {
+		if err := w.waitDirectWriter(); err != nil {
+			return err
+		}
+	}
 	if _, err := w.f.Seek(0, io.SeekStart); err != nil {
 		return storageError(err, "rewinding a temp file")
 	}
 	if err := w.f.Truncate(0); err != nil {
 		return storageError(err, "truncating a temp file")
 	}
+	if w.stage != nil {
+		if !w.direct {
+			if err := setDirect(w.f, true); err != nil {
+				return storageError(err, "switching on O_DIRECT")
+			}
+			w.direct = true
+		}
+		w.startDirectWriter()
+	}
 	w.h.Reset()
-	w.n = 0
+	w.n, w.flushed, w.staged = 0, 0, 0
 	return nil
 }
 
@@ -151,6 +342,11 @@ func (w *BlobWriter) Commit(verify func(path string) error) (digest.Digest, erro
 	w.done = true
 	d := w.Digest()
 	tmp := w.f.Name()
+	if err := w.flushTail(); err != nil {
+		w.f.Close()
+		os.Remove(tmp)
+		return "", err
+	}
 	if err := w.f.Sync(); err != nil {
 		w.f.Close()
 		os.Remove(tmp)
@@ -190,6 +386,7 @@ func (w *BlobWriter) Abort() {
 		return
 	}
 	w.done = true
+	_ = w.waitDirectWriter()
 	w.f.Close()
 	os.Remove(w.f.Name())
 }

@@ -29,6 +29,8 @@ const (
 	DefaultMaxManifestSize = 4 << 20
 	maxIndexDepth          = 2
 	copyBufferSize         = 256 << 10
+	readAheadChunks        = 4
+	readAheadChunkSize     = 1 << 20
 )
 
 // Config is how a Puller reaches registries.
@@ -252,8 +254,25 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 	if err != nil {
 		return classify(ref, err, "fetching layer "+layer.Digest.String())
 	}
-	defer rc.Close()
-	vr := content.NewVerifyReader(rc, layer)
+	// Read the network ahead so the download overlaps hashing and writing.
+	ra := newReadAhead(rc, readAheadChunks, readAheadChunkSize)
+	defer func() {
+		rc.Close() // unblocks the read-ahead goroutine first
+		ra.Close()
+	}()
+	if ds, ok := sink.Sink.(DigestSink); ok && !src.Tar && layer.Digest.Algorithm() == digest.SHA256 {
+		// The sink hashes what it stores; for a raw layer that is the
+		// layer's own digest, so the bytes are hashed once, not twice.
+		n, err := ra.WriteTo(sink)
+		if err != nil {
+			return p.copyError(ref, layer, err)
+		}
+		if n != layer.Size || ds.Digest() != layer.Digest {
+			return p.copyError(ref, layer, content.ErrMismatchedDigest)
+		}
+		return nil
+	}
+	vr := content.NewVerifyReader(ra, layer)
 	buf := make([]byte, copyBufferSize)
 	if !src.Tar {
 		if _, err := io.CopyBuffer(sink, vr, buf); err != nil {

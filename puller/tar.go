@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
 )
 
 // Sink receives a module's bytes while they stream. Reset discards what was
@@ -18,6 +19,14 @@ import (
 type Sink interface {
 	io.Writer
 	Reset() error
+}
+
+// DigestSink is a Sink that hashes what it is given with sha256. For a raw
+// Wasm layer the puller then checks the layer's digest against the sink's
+// instead of hashing the bytes a second time.
+type DigestSink interface {
+	Sink
+	Digest() digest.Digest
 }
 
 // errLayerTooLarge is returned by limitReader when a layer expands past its cap.
