@@ -1,0 +1,171 @@
+package node
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestParseFileConfig(t *testing.T) {
+	good := `
+registries:
+  insecure: [registry.local:5000, plain.example]
+  mirrors:
+    ghcr.io: [mirror.internal:5000]
+limits:
+  maxModuleSize: 64Mi
+  maxStoreSize: 2Gi
+  unusedModuleAge: 7d
+validation: wasm
+prePull:
+- image: ghcr.io/acme/filters/header:1.2.0
+`
+	c, err := ParseFileConfig([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Limits.MaxModuleSize.Value(); got != 64<<20 {
+		t.Errorf("maxModuleSize = %d", got)
+	}
+	if got := c.Limits.MaxStoreSize.Value(); got != 2<<30 {
+		t.Errorf("maxStoreSize = %d", got)
+	}
+	if age, _ := c.UnusedModuleAge(); age != 7*24*time.Hour {
+		t.Errorf("unusedModuleAge = %v", age)
+	}
+	if len(c.Registries.Insecure) != 2 || c.Registries.Mirrors["ghcr.io"][0] != "mirror.internal:5000" || c.Validation != "wasm" || c.PrePull[0].Image != "ghcr.io/acme/filters/header:1.2.0" {
+		t.Errorf("parsed %+v", c)
+	}
+	if c, err := ParseFileConfig([]byte("  \n")); err != nil || c.Validation != "" {
+		t.Errorf("empty file: %+v %v", c, err)
+	}
+	for name, bad := range map[string]string{
+		"unknown field":    "registries:\n  insecrue: [a]\n",
+		"bad quantity":     "limits:\n  maxModuleSize: lots\n",
+		"negative size":    "limits:\n  maxStoreSize: -1Gi\n",
+		"bad age":          "limits:\n  unusedModuleAge: soon\n",
+		"bad days":         "limits:\n  unusedModuleAge: 7.5d\n",
+		"bad validation":   "validation: strict\n",
+		"bad prepull":      "prePull:\n- image: 'UPPER/Case:x:y'\n",
+		"url not host":     "registries:\n  insecure: ['http://x']\n",
+		"bad mirror":       "registries:\n  mirrors:\n    ghcr.io: ['a b']\n",
+		"not yaml mapping": "- a\n- b\n",
+	} {
+		if _, err := ParseFileConfig([]byte(bad)); err == nil {
+			t.Errorf("%s: accepted %q", name, bad)
+		}
+	}
+}
+
+// applied collects what a ConfigWatcher applies.
+type applied struct {
+	mu   sync.Mutex
+	cfgs []FileConfig
+}
+
+func (a *applied) apply(c FileConfig) { a.mu.Lock(); a.cfgs = append(a.cfgs, c); a.mu.Unlock() }
+
+func (a *applied) last() (FileConfig, int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.cfgs) == 0 {
+		return FileConfig{}, 0
+	}
+	return a.cfgs[len(a.cfgs)-1], len(a.cfgs)
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestConfigWatcherConfigMapSwap follows kubelet's ConfigMap update: files
+// live in a timestamped directory, "..data" is a symlink to it, the file
+// is a symlink through "..data", and an update swaps "..data" atomically.
+func TestConfigWatcherConfigMapSwap(t *testing.T) {
+	dir := t.TempDir()
+	write := func(gen, body string) {
+		ts := filepath.Join(dir, "..2026_"+gen)
+		if err := os.Mkdir(ts, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(ts, "config.yaml"), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		tmp := filepath.Join(dir, "..data_tmp")
+		if err := os.Symlink(filepath.Base(ts), tmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("1", "validation: wasm\n")
+	if err := os.Symlink("..data/config.yaml", filepath.Join(dir, "config.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	var logs strings.Builder
+	var mu sync.Mutex
+	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return logs.Write(p)
+	}), nil))
+	a := &applied{}
+	w := &ConfigWatcher{Path: filepath.Join(dir, "config.yaml"), Log: log, Apply: a.apply, Debounce: 50 * time.Millisecond}
+	if err := w.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if c, n := a.last(); n != 1 || c.Validation != "wasm" {
+		t.Fatalf("initial load: %+v (%d)", c, n)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- w.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	time.Sleep(100 * time.Millisecond)
+
+	write("2", "validation: none\n")
+	waitFor(t, "the swapped config", func() bool { c, _ := a.last(); return c.Validation == "none" })
+
+	// A bad file keeps the last good config and says why.
+	_, n := a.last()
+	write("3", "validation: bogus\n")
+	waitFor(t, "the error log", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return strings.Contains(logs.String(), "keeping the last good config")
+	})
+	if c, n2 := a.last(); n2 != n || c.Validation != "none" {
+		t.Fatalf("bad file was applied: %+v", c)
+	}
+	write("4", "validation: proxy-wasm\n")
+	waitFor(t, "the fixed config", func() bool { c, _ := a.last(); return c.Validation == "proxy-wasm" })
+}
+
+func TestConfigWatcherMissingFile(t *testing.T) {
+	a := &applied{}
+	w := &ConfigWatcher{Path: filepath.Join(t.TempDir(), "absent.yaml"), Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Apply: a.apply}
+	if err := w.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if _, n := a.last(); n != 1 {
+		t.Fatalf("defaults not applied")
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
