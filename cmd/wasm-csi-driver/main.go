@@ -36,6 +36,15 @@ type Config struct {
 	MetricsAddress     string
 	LogLevel           string
 	LogFormat          string
+	// RegistrationDir is where the kubelet plugin-registration socket is
+	// served (kubelet's plugins_registry as the container sees it); empty
+	// leaves registration to a node-driver-registrar sidecar.
+	RegistrationDir string
+	// KubeletCSIEndpoint is the CSI socket's path on the host, as kubelet
+	// must dial it.
+	KubeletCSIEndpoint string
+	// CheckFlags parses the flags, reports, and exits.
+	CheckFlags bool
 }
 
 type stringList []string
@@ -50,7 +59,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint, unix:///path/to/socket")
 	fs.StringVar(&c.NodeID, "node-id", "", "this node's name (required; usually $NODE_NAME)")
-	fs.StringVar(&c.DriverName, "driver-name", "wasm.csi.dev", "CSI driver name")
+	fs.StringVar(&c.DriverName, "driver-name", csi.DefaultDriverName, "CSI driver name")
 	fs.StringVar(&c.RootDir, "root-dir", "/var/lib/wasm-csi", "host directory of the module store and volume records")
 	fs.StringVar(&c.ConfigFile, "config", "", "YAML config file, re-read when it changes")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig for running outside the cluster")
@@ -59,6 +68,9 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.StringVar(&c.MetricsAddress, "metrics-address", ":9809", "address of the metrics and health endpoint")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "json", "json or text")
+	fs.StringVar(&c.RegistrationDir, "kubelet-registration-path", "", "directory (kubelet's plugins_registry) where the driver serves kubelet's plugin-registration API; empty when a node-driver-registrar sidecar registers it")
+	fs.StringVar(&c.KubeletCSIEndpoint, "kubelet-csi-endpoint", "", "the CSI socket's path on the host, as kubelet dials it (required with --kubelet-registration-path)")
+	fs.BoolVar(&c.CheckFlags, "check-flags", false, "parse the flags, print them, and exit")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -70,6 +82,14 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	}
 	if _, err := csi.ParseEndpoint(c.Endpoint); err != nil {
 		return Config{}, err
+	}
+	if c.RegistrationDir != "" && c.KubeletCSIEndpoint == "" {
+		return Config{}, errors.New("--kubelet-registration-path needs --kubelet-csi-endpoint")
+	}
+	for _, r := range c.InsecureRegistries {
+		if r == "" || strings.Contains(r, "/") {
+			return Config{}, fmt.Errorf("--insecure-registry %q is not HOST or HOST:PORT", r)
+		}
 	}
 	return c, nil
 }
@@ -97,6 +117,10 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wasm-csi-driver:", err)
 		os.Exit(2)
+	}
+	if cfg.CheckFlags {
+		fmt.Printf("flags OK: %+v\n", cfg)
+		os.Exit(0)
 	}
 	log, err := newLogger(cfg, os.Stderr)
 	if err != nil {
