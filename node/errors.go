@@ -24,6 +24,8 @@ var (
 	ErrPullPending = errors.New("pull still in progress")
 	// ErrCorrupt: a stored file does not match its digest.
 	ErrCorrupt = errors.New("stored module is corrupt")
+	// ErrInvalidModule: the module failed the configured validation.
+	ErrInvalidModule = errors.New("module failed validation")
 )
 
 // Error carries a sentinel kind, the image concerned and a message.

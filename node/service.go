@@ -262,6 +262,9 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference) (RefRecord, 
 	defer w.Abort()
 	mod, err := s.puller.Pull(ctx, ref, desc, w)
 	if err != nil {
+		if ne, ok := err.(*Error); ok { // the store failed, e.g. a full disk
+			return RefRecord{}, false, withImage(ne, ref.Original)
+		}
 		return RefRecord{}, false, err
 	}
 	d, err := w.Commit(s.cfg.Validate)

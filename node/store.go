@@ -65,7 +65,7 @@ func (s *Store) removeTemps() error {
 		if err != nil {
 			return err
 		}
-		if strings.HasPrefix(d.Name(), tmpPrefix) {
+		if p != s.root && strings.HasPrefix(d.Name(), tmpPrefix) { // not the root itself, whatever its name
 			if d.IsDir() {
 				if err := os.RemoveAll(p); err != nil {
 					return err
@@ -153,6 +153,10 @@ func createTemp(dir string) (*os.File, bool, error) {
 			return f, true, nil
 		}
 		if errors.Is(err, syscall.EINVAL) {
+			// Linux creates the file before it refuses O_DIRECT (ramfs,
+			// some FUSE and network filesystems): drop it, or O_EXCL
+			// below fails with EEXIST.
+			_ = os.Remove(name)
 			f, err = os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 			return f, false, err
 		}
@@ -249,7 +253,12 @@ func (w *BlobWriter) waitDirectWriter() error {
 // flushStage hands a full stage buffer to the writer goroutine.
 func (w *BlobWriter) flushStage() error {
 	if w.pending == nil {
-		return w.waitDirectWriter()
+		// The writer goroutine is gone (after Commit, Abort or a failed
+		// Reset): refuse, rather than spin on a full stage buffer.
+		if err := w.waitDirectWriter(); err != nil {
+			return err
+		}
+		return newError(ErrInternal, "", nil, "write to a finished blob writer")
 	}
 	w.pending <- w.stage
 	w.stage = <-w.spare
@@ -434,9 +443,9 @@ func (s *Store) ViewDir(d digest.Digest, fileName string) (string, error) {
 		return "", storageError(err, "creating the module's view directory")
 	}
 	// Link under a temp name and rename, so a reader never sees a missing or
-	// foreign file at the final name.
-	tmp := filepath.Join(dir, tmpPrefix+fileName)
-	os.Remove(tmp)
+	// foreign file at the final name. The temp name is unique: publishes of
+	// one module for different volumes run at once.
+	tmp := filepath.Join(dir, tmpPrefix+rand.Text())
 	if err := os.Link(blob, tmp); err != nil {
 		return "", storageError(err, "linking the module into its view directory")
 	}

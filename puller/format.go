@@ -153,17 +153,22 @@ type Platform struct {
 	Architecture string
 }
 
-// selectFromIndex picks the index entry for a Wasm module: a wasip1/wasi OS or
-// wasm architecture first, then the node's own platform, then the only entry.
+// selectFromIndex picks the index entry for a Wasm module, in this order of
+// preference whatever the order of the entries: a wasip1 OS (a core module,
+// what proxies load), a wasi OS, a wasm architecture, the node's own
+// platform, then the only entry.
 func selectFromIndex(m *manifestDoc, node Platform) (ocispec.Descriptor, error) {
-	for _, d := range m.Manifests {
-		if p := d.Platform; p != nil && (p.OS == "wasip1" || p.OS == "wasi" || p.Architecture == "wasm") {
-			return d, nil
-		}
+	prefs := []func(p *ocispec.Platform) bool{
+		func(p *ocispec.Platform) bool { return p.OS == "wasip1" },
+		func(p *ocispec.Platform) bool { return p.OS == "wasi" },
+		func(p *ocispec.Platform) bool { return p.Architecture == "wasm" },
+		func(p *ocispec.Platform) bool { return p.OS == node.OS && p.Architecture == node.Architecture },
 	}
-	for _, d := range m.Manifests {
-		if p := d.Platform; p != nil && p.OS == node.OS && p.Architecture == node.Architecture {
-			return d, nil
+	for _, match := range prefs {
+		for _, d := range m.Manifests {
+			if d.Platform != nil && match(d.Platform) {
+				return d, nil
+			}
 		}
 	}
 	if len(m.Manifests) == 1 {

@@ -281,16 +281,16 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 	} else {
 		r, closeFn, err := decompress(vr, src.Compression, maxOut)
 		if err != nil {
-			return p.copyError(ref, layer, err)
+			return p.tarError(ref, layer, vr, buf, err)
 		}
 		defer closeFn()
 		if _, err := extractFromTar(r, sink, p.cfg.MaxModuleSize, buf); err != nil {
-			return p.copyError(ref, layer, err)
+			return p.tarError(ref, layer, vr, buf, err)
 		}
 		// Read what is left (tar padding, the compressor's trailer) so the
 		// compressed stream is checked whole, then the layer's digest.
 		if _, err := io.CopyBuffer(io.Discard, r, buf); err != nil {
-			return p.copyError(ref, layer, err)
+			return p.tarError(ref, layer, vr, buf, err)
 		}
 		if _, err := io.CopyBuffer(io.Discard, vr, buf); err != nil {
 			return p.copyError(ref, layer, err)
@@ -302,11 +302,36 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 	return nil
 }
 
-// copyError classifies a failure while a layer streamed.
+// tarError classifies a failure to decompress or untar a layer. Bytes
+// corrupted in flight fail there before the layer's digest is checked, so the
+// rest of the layer is read and its digest checked first: a mismatch is the
+// registry's fault (retried), a layer that matches and does not unpack is
+// the image's.
+func (p *Puller) tarError(ref Reference, layer ocispec.Descriptor, vr *content.VerifyReader, buf []byte, err error) error {
+	var se *sizeError
+	var pe *Error
+	var ske *sinkError
+	if errors.As(err, &pe) || errors.As(err, &se) || errors.As(err, &ske) || errors.Is(err, errLayerTooLarge) {
+		return p.copyError(ref, layer, err)
+	}
+	if _, derr := io.CopyBuffer(io.Discard, vr, buf); derr != nil {
+		return p.copyError(ref, layer, derr)
+	}
+	if verr := vr.Verify(); verr != nil {
+		return p.copyError(ref, layer, verr)
+	}
+	return newError(ErrUnsupportedImage, ref.Original, err, "cannot take the module out of layer %s", layer.Digest)
+}
+
+// copyError classifies a failure while a layer streamed. A sink's error is
+// returned as the sink made it.
 func (p *Puller) copyError(ref Reference, layer ocispec.Descriptor, err error) error {
 	var se *sizeError
 	var pe *Error
+	var ske *sinkError
 	switch {
+	case errors.As(err, &ske):
+		return ske.err
 	case errors.As(err, &pe):
 		return err
 	case errors.As(err, &se):
@@ -350,6 +375,9 @@ func classify(ref Reference, err error, doing string) error {
 		return newError(ErrUnavailable, ref.Original, err, "%s: %s did not answer in time", doing, ref.Registry)
 	case errors.Is(err, context.Canceled):
 		return newError(ErrUnavailable, ref.Original, err, "%s: cancelled", doing)
+	case strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
+		// net/http's words; there is no error value to test for.
+		return newError(ErrUnavailable, ref.Original, err, "%s: %s answers plain HTTP, not HTTPS; if it is meant to be reached without TLS, name it with --insecure-registry=%s", doing, ref.Registry, ref.Registry)
 	}
 	return newError(ErrUnavailable, ref.Original, err, "%s: cannot reach %s; check the registry is up and reachable from the node", doing, ref.Registry)
 }

@@ -1,6 +1,7 @@
 package puller
 
 import (
+	"errors"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
@@ -43,6 +44,11 @@ func ParseReference(s string) (Reference, error) {
 		s = name + "@" + dgst
 	}
 	r, err := registry.ParseReference(s)
+	if err == nil && r.Reference == "" && (strings.HasSuffix(s, ":") || strings.HasSuffix(s, "@")) {
+		// "repo:" or "repo@" (an empty templated tag or digest) is a
+		// mistake, not a request for :latest.
+		err = errors.New("empty tag or digest after the last : or @")
+	}
 	if err != nil {
 		return Reference{}, newError(ErrInvalidReference, orig, err, "cannot parse the image reference; use the form registry.example.com/repo/module:tag or @sha256:<digest>")
 	}
@@ -61,6 +67,11 @@ func ParseReference(s string) (Reference, error) {
 // "busybox" -> "docker.io/library/busybox", "acme/x" -> "docker.io/acme/x".
 func normaliseDockerHub(s string) string {
 	first, rest, hasSlash := strings.Cut(s, "/")
+	if first == "docker.io" && hasSlash && !strings.Contains(rest, "/") {
+		// "docker.io/busybox" is Docker Hub's official image, as in Docker
+		// and kubelet: the registry serves it only as library/busybox.
+		return "docker.io/library/" + rest
+	}
 	if hasSlash && (strings.ContainsAny(first, ".:") || first == "localhost") {
 		return s
 	}

@@ -220,14 +220,27 @@ func (h *headerSink) Write(p []byte) (int, error) {
 	}
 	n, err := h.Sink.Write(p)
 	h.n += int64(n)
-	return n, err
+	if err != nil {
+		return n, &sinkError{err}
+	}
+	return n, nil
 }
 
 func (h *headerSink) Reset() error {
 	h.n = 0
 	h.head = [8]byte{}
-	return h.Sink.Reset()
+	if err := h.Sink.Reset(); err != nil {
+		return &sinkError{err}
+	}
+	return nil
 }
+
+// sinkError is a failure of the sink (the store: a full disk), not of the
+// registry or the image: it is returned to the caller as the sink made it.
+type sinkError struct{ err error }
+
+func (e *sinkError) Error() string { return e.err.Error() }
+func (e *sinkError) Unwrap() error { return e.err }
 
 func (h *headerSink) valid() bool {
 	return h.n >= int64(len(wasmHeader)) && bytes.Equal(h.head[:], wasmHeader)

@@ -66,6 +66,33 @@ type Options struct {
 	// OmitMemoryExport keeps the memory but does not export it (bad
 	// fixture: the host cannot exchange data with the module).
 	OmitMemoryExport bool
+
+	// ABIExport, if set, is the name of the ABI marker export instead of
+	// ABIVersionExport: e.g. "proxy_abi_version_0_1_0" for an older ABI, or
+	// an unknown version for a bad fixture. OmitABIExport takes precedence.
+	ABIExport string
+
+	// Imports adds function imports after env.proxy_log and ExtraEnvImport,
+	// in order (fixtures for import rules: WASI functions, other modules,
+	// wrong signatures). They are declared but never called.
+	Imports []Import
+
+	// MinMemoryPages, if larger than the pages the module needs, is the
+	// minimum size of its memory in 64 KiB pages (bad fixture: 65536 pages
+	// asks for 4 GiB at instantiation).
+	MinMemoryPages uint32
+
+	// OmitAllocatorExports keeps the allocator but exports it neither as
+	// malloc nor as proxy_on_memory_allocate (bad fixture: the host cannot
+	// allocate guest memory).
+	OmitAllocatorExports bool
+}
+
+// Import is a function import added by Options.Imports: Module.Name taking
+// Params i32 parameters and returning Results i32 results.
+type Import struct {
+	Module, Name    string
+	Params, Results int
 }
 
 // ProxyWasm returns the module described by opts. It panics if opts.PadTo is
@@ -172,6 +199,7 @@ func build(opts Options) *module {
 		heapGlobal: &heap,
 		data:       []dataSegment{{offset: msgOffset, bytes: []byte(msg)}},
 	}
+	m.memPages = max(m.memPages, opts.MinMemoryPages)
 	if !opts.OmitMemoryExport {
 		m.memExport = "memory"
 	}
@@ -180,11 +208,22 @@ func build(opts Options) *module {
 	if opts.ExtraEnvImport != "" {
 		m.importFunc("env", opts.ExtraEnvImport, 0, 0)
 	}
+	for _, im := range opts.Imports {
+		m.importFunc(im.Module, im.Name, im.Params, im.Results)
+	}
 
 	if !opts.OmitABIExport {
-		m.addFunc(0, 0, 0, expr(), ABIVersionExport)
+		abi := ABIVersionExport
+		if opts.ABIExport != "" {
+			abi = opts.ABIExport
+		}
+		m.addFunc(0, 0, 0, expr(), abi)
 	}
-	m.addFunc(1, 1, 2, allocBody(), "proxy_on_memory_allocate", "malloc")
+	if opts.OmitAllocatorExports {
+		m.addFunc(1, 1, 2, allocBody())
+	} else {
+		m.addFunc(1, 1, 2, allocBody(), "proxy_on_memory_allocate", "malloc")
+	}
 	// proxy_on_vm_start(root_context_id, vm_configuration_size) -> bool:
 	// proxy_log(INFO, msg, len(msg)), ignore its status, return true.
 	m.addFunc(2, 1, 0, expr(

@@ -1,0 +1,213 @@
+package node
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Uses counts, per module, the published volumes that use it. It is a
+// cache of the volume records on disk: rebuilt from them at start, kept in
+// step by publish and unpublish, and consulted by the collector under the
+// same lock, so a module in use (or being published) is never removed.
+type Uses struct {
+	mu     sync.Mutex
+	counts map[digest.Digest]int
+}
+
+// NewUses counts the uses recorded in the store's volume records.
+func NewUses(s *Store) (*Uses, error) {
+	recs, err := s.ListVolumes()
+	if err != nil {
+		return nil, err
+	}
+	u := &Uses{counts: map[digest.Digest]int{}}
+	for _, r := range recs {
+		u.counts[r.Module]++
+	}
+	return u, nil
+}
+
+// Acquire counts one more use of d, unless the store no longer has it
+// (the collector removed it): then it reports false.
+func (u *Uses) Acquire(s *Store, d digest.Digest) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !s.HasBlob(d) {
+		return false
+	}
+	u.counts[d]++
+	return true
+}
+
+// Release counts one use of d less.
+func (u *Uses) Release(d digest.Digest) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.counts[d] <= 1 {
+		delete(u.counts, d)
+		return
+	}
+	u.counts[d]--
+}
+
+// Count is the number of uses of d.
+func (u *Uses) Count(d digest.Digest) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.counts[d]
+}
+
+// GCPolicy says which unused modules the collector removes.
+type GCPolicy struct {
+	// MaxAge removes unused modules last used longer ago than this (0: never).
+	MaxAge time.Duration
+	// MaxStoreBytes removes unused modules, least recently used first,
+	// while the store holds more than this (0: no cap).
+	MaxStoreBytes int64
+	// Grace protects modules used or pulled this recently: a module just
+	// pulled is not yet counted by the publish that pulled it.
+	Grace time.Duration
+}
+
+// DefaultGCGrace is the default GCPolicy.Grace.
+const DefaultGCGrace = 10 * time.Minute
+
+// storedModule is one blob with its size and last use.
+type storedModule struct {
+	digest   digest.Digest
+	size     int64
+	lastUsed time.Time
+}
+
+// Touch records that module d was used now: the mtime of its views
+// directory, on disk so it survives a restart.
+func (s *Store) Touch(d digest.Digest) {
+	now := time.Now()
+	dir := filepath.Join(s.viewRoot(), d.Encoded())
+	if err := os.Chtimes(dir, now, now); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return
+	}
+}
+
+func (s *Store) modules() ([]storedModule, error) {
+	entries, err := os.ReadDir(s.blobDir())
+	if err != nil {
+		return nil, storageError(err, "listing the store")
+	}
+	var out []storedModule
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), tmpPrefix) {
+			continue
+		}
+		d := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
+		if d.Validate() != nil {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		last := fi.ModTime()
+		if vi, err := os.Stat(filepath.Join(s.viewRoot(), e.Name())); err == nil && vi.ModTime().After(last) {
+			last = vi.ModTime()
+		}
+		out = append(out, storedModule{digest: d, size: fi.Size(), lastUsed: last})
+	}
+	return out, nil
+}
+
+// removeModule deletes module d: first the tag records that point to it
+// (so no publish finds it), then its views, then the blob.
+func (s *Store) removeModule(d digest.Digest) error {
+	refs, err := os.ReadDir(s.refDir())
+	if err != nil {
+		return storageError(err, "listing tag records")
+	}
+	for _, r := range refs {
+		if strings.HasPrefix(r.Name(), tmpPrefix) {
+			continue
+		}
+		p := filepath.Join(s.refDir(), r.Name())
+		var rec RefRecord
+		if err := readJSON(p, &rec); err != nil || rec.Module == d {
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return storageError(err, "removing a tag record")
+			}
+		}
+	}
+	if err := os.RemoveAll(filepath.Join(s.viewRoot(), d.Encoded())); err != nil {
+		return storageError(err, "removing the module's views")
+	}
+	if err := os.Remove(s.BlobPath(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return storageError(err, "removing the module")
+	}
+	return syncDir(s.blobDir())
+}
+
+// GCResult says what a collection did.
+type GCResult struct {
+	Removed      int
+	FreedBytes   int64
+	StoreBytes   int64
+	InUseModules int
+}
+
+// CollectGarbage removes unused modules under policy. A module with a use
+// counted in uses is never removed; the check and the removal happen under
+// the uses lock, so a publish cannot start using a module being removed.
+func CollectGarbage(s *Store, uses *Uses, policy GCPolicy, now time.Time, log *slog.Logger) (GCResult, error) {
+	if policy.Grace <= 0 {
+		policy.Grace = DefaultGCGrace
+	}
+	mods, err := s.modules()
+	if err != nil {
+		return GCResult{}, err
+	}
+	var res GCResult
+	for _, m := range mods {
+		res.StoreBytes += m.size
+	}
+	// Least recently used first.
+	sort.Slice(mods, func(i, j int) bool { return mods[i].lastUsed.Before(mods[j].lastUsed) })
+	for _, m := range mods {
+		idle := now.Sub(m.lastUsed)
+		tooOld := policy.MaxAge > 0 && idle > policy.MaxAge
+		overCap := policy.MaxStoreBytes > 0 && res.StoreBytes > policy.MaxStoreBytes
+		if !tooOld && !overCap {
+			continue
+		}
+		if idle < policy.Grace {
+			continue
+		}
+		uses.mu.Lock()
+		inUse := uses.counts[m.digest] > 0
+		if !inUse {
+			err = s.removeModule(m.digest)
+		}
+		uses.mu.Unlock()
+		if inUse {
+			res.InUseModules++
+			continue
+		}
+		if err != nil {
+			return res, err
+		}
+		res.Removed++
+		res.FreedBytes += m.size
+		res.StoreBytes -= m.size
+		reason := "unused past limits.unusedModuleAge"
+		if !tooOld {
+			reason = "store over limits.maxStoreSize"
+		}
+		log.Info("module removed", "digest", m.digest, "bytes", m.size, "idle", idle.Round(time.Second), "reason", reason)
+	}
+	return res, nil
+}

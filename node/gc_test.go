@@ -1,0 +1,105 @@
+package node
+
+import (
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// storeModule commits body to s and dates its last use at t.
+func storeModule(t *testing.T, s *Store, body string, used time.Time) digest.Digest {
+	t.Helper()
+	w, err := s.NewBlobWriter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write([]byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	d, err := w.Commit(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutRef(RefRecord{Ref: "reg/" + body + ":1", Module: d}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(s.BlobPath(d), used, used); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func TestCollectGarbage(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	now := time.Now()
+	s, err := OpenStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := storeModule(t, s, "old-unused", now.Add(-30*24*time.Hour))
+	oldInUse := storeModule(t, s, "old-in-use", now.Add(-40*24*time.Hour))
+	mid := storeModule(t, s, "middle-aged-module", now.Add(-2*24*time.Hour))
+	fresh := storeModule(t, s, "fresh-module-just-pulled", now.Add(-time.Minute))
+
+	// oldInUse is used by a volume record on disk: counted after a "restart".
+	if _, err := s.ViewDir(oldInUse, "plugin.wasm"); err != nil {
+		t.Fatal(err)
+	}
+	os.Chtimes(filepath.Join(s.viewRoot(), oldInUse.Encoded()), now.Add(-40*24*time.Hour), now.Add(-40*24*time.Hour))
+	if err := s.PutVolume(VolumeRecord{VolumeID: "v1", TargetPath: "/t", Module: oldInUse}); err != nil {
+		t.Fatal(err)
+	}
+	uses, err := NewUses(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uses.Count(oldInUse) != 1 {
+		t.Fatalf("use of the recorded volume not counted")
+	}
+
+	// By age: only the old unused module goes; the in-use one stays.
+	res, err := CollectGarbage(s, uses, GCPolicy{MaxAge: 7 * 24 * time.Hour}, now, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != 1 || s.HasBlob(old) || !s.HasBlob(oldInUse) || !s.HasBlob(mid) || !s.HasBlob(fresh) {
+		t.Fatalf("by age: %+v old=%v inuse=%v mid=%v fresh=%v", res, s.HasBlob(old), s.HasBlob(oldInUse), s.HasBlob(mid), s.HasBlob(fresh))
+	}
+	if _, ok := s.GetRef("reg/old-unused:1"); ok {
+		t.Errorf("tag record of a removed module kept")
+	}
+
+	// By size: a cap of 1 byte removes every unused module outside the grace
+	// period, least recently used first, never the one in use nor the fresh one.
+	res, err = CollectGarbage(s, uses, GCPolicy{MaxStoreBytes: 1}, now, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != 1 || s.HasBlob(mid) || !s.HasBlob(oldInUse) || !s.HasBlob(fresh) || res.InUseModules != 1 {
+		t.Fatalf("by size: %+v", res)
+	}
+
+	// A publish that acquired a module protects it; release lets it go.
+	if !uses.Acquire(s, fresh) {
+		t.Fatal("acquire of a stored module failed")
+	}
+	if res, _ := CollectGarbage(s, uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); s.HasBlob(fresh) == false || res.Removed != 0 {
+		t.Fatalf("acquired module removed: %+v", res)
+	}
+	uses.Release(fresh)
+	uses.Release(oldInUse)
+	if res, _ := CollectGarbage(s, uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); res.Removed != 2 || s.HasBlob(fresh) || s.HasBlob(oldInUse) {
+		t.Fatalf("released modules kept: %+v", res)
+	}
+	if uses.Acquire(s, fresh) {
+		t.Fatal("acquired a removed module")
+	}
+	if entries, _ := os.ReadDir(s.viewRoot()); len(entries) != 0 {
+		t.Errorf("views left: %v", entries)
+	}
+}

@@ -1,0 +1,168 @@
+package node
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/wasm-csi/wasm-csi/puller"
+)
+
+// Metrics are the driver's Prometheus metrics. None has a per-volume or
+// per-digest label. A nil *Metrics records nothing.
+type Metrics struct {
+	pulls          *prometheus.CounterVec
+	cache          *prometheus.CounterVec
+	downloaded     prometheus.Counter
+	pullDuration   prometheus.Histogram
+	publishLatency *prometheus.HistogramVec
+}
+
+// NewMetrics registers the metrics in reg, including gauges read from the
+// store on each scrape (modules and bytes stored, volumes published).
+func NewMetrics(reg prometheus.Registerer, store *Store) (*Metrics, error) {
+	m := &Metrics{
+		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "wasmcsi", Name: "pulls_total",
+			Help: "Module pulls from a registry, by result.",
+		}, []string{"result"}),
+		cache: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "wasmcsi", Name: "cache_lookups_total",
+			Help: "Publishes that found their module on the node (hit) or had to pull it (miss).",
+		}, []string{"result"}),
+		downloaded: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "wasmcsi", Name: "downloaded_bytes_total",
+			Help: "Bytes of modules downloaded and stored.",
+		}),
+		pullDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "wasmcsi", Name: "pull_duration_seconds",
+			Help:    "Time to resolve, download, verify and store a module.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 10),
+		}),
+		publishLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "wasmcsi", Name: "publish_duration_seconds",
+			Help:    "NodePublishVolume duration, by result.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12),
+		}, []string{"result"}),
+	}
+	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, newStoreCollector(store)}
+	for _, c := range cs {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// PullResult names the outcome of a pull for the pulls_total label.
+func PullResult(err error) string {
+	switch {
+	case err == nil:
+		return "success"
+	case errors.Is(err, puller.ErrNotFound):
+		return "not_found"
+	case errors.Is(err, puller.ErrUnauthorized):
+		return "unauthorized"
+	case errors.Is(err, puller.ErrUnavailable):
+		return "unavailable"
+	case errors.Is(err, puller.ErrUnsupportedImage), errors.Is(err, puller.ErrInvalidModule), errors.Is(err, ErrInvalidModule), errors.Is(err, puller.ErrTooLarge):
+		return "invalid_image"
+	case errors.Is(err, ErrNoSpace):
+		return "no_space"
+	}
+	return "error"
+}
+
+func (m *Metrics) pulled(err error, bytes int64, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.pulls.WithLabelValues(PullResult(err)).Inc()
+	if err == nil {
+		m.downloaded.Add(float64(bytes))
+		m.pullDuration.Observe(d.Seconds())
+	}
+}
+
+func (m *Metrics) cacheLookup(hit bool) {
+	if m == nil {
+		return
+	}
+	if hit {
+		m.cache.WithLabelValues("hit").Inc()
+	} else {
+		m.cache.WithLabelValues("miss").Inc()
+	}
+}
+
+func (m *Metrics) published(err error, d time.Duration) {
+	if m == nil {
+		return
+	}
+	result := "success"
+	if err != nil {
+		result = "error"
+	}
+	m.publishLatency.WithLabelValues(result).Observe(d.Seconds())
+}
+
+// storeCollector reads the store's size and the published volumes from
+// disk at scrape time, so the numbers are right after a restart too.
+type storeCollector struct {
+	store                   *Store
+	modules, bytes, volumes *prometheus.Desc
+}
+
+func newStoreCollector(store *Store) *storeCollector {
+	return &storeCollector{
+		store:   store,
+		modules: prometheus.NewDesc("wasmcsi_store_modules", "Modules in the node's store.", nil, nil),
+		bytes:   prometheus.NewDesc("wasmcsi_store_bytes", "Bytes of modules in the node's store.", nil, nil),
+		volumes: prometheus.NewDesc("wasmcsi_volumes_published", "Volumes published on this node.", nil, nil),
+	}
+}
+
+func (c *storeCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.modules
+	ch <- c.bytes
+	ch <- c.volumes
+}
+
+func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
+	n, size := c.store.usage()
+	ch <- prometheus.MustNewConstMetric(c.modules, prometheus.GaugeValue, float64(n))
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(size))
+	vols, err := os.ReadDir(c.store.volumeDir())
+	if err == nil {
+		count := 0
+		for _, v := range vols {
+			if strings.HasSuffix(v.Name(), ".json") && !strings.HasPrefix(v.Name(), tmpPrefix) {
+				count++
+			}
+		}
+		ch <- prometheus.MustNewConstMetric(c.volumes, prometheus.GaugeValue, float64(count))
+	}
+}
+
+// usage counts the stored modules and their bytes.
+func (s *Store) usage() (int, int64) {
+	entries, err := os.ReadDir(s.blobDir())
+	if err != nil {
+		return 0, 0
+	}
+	var n int
+	var size int64
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), tmpPrefix) {
+			continue
+		}
+		if fi, err := e.Info(); err == nil && fi.Mode().IsRegular() {
+			n++
+			size += fi.Size()
+		}
+	}
+	return n, size
+}

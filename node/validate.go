@@ -1,0 +1,906 @@
+package node
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/tetratelabs/wazero"
+	"github.com/tetratelabs/wazero/api"
+)
+
+// ValidationMode is the config's validation setting.
+type ValidationMode string
+
+// Validation modes, from the strictest (the default) to the loosest.
+const (
+	// ValidateProxyWasm: everything ValidateWasm checks, and the module must
+	// be one Envoy will start (see ValidateModuleFile).
+	ValidateProxyWasm ValidationMode = "proxy-wasm"
+	// ValidateWasm: the header, and the module decodes and validates as
+	// WebAssembly.
+	ValidateWasm ValidationMode = "wasm"
+	// ValidateNone: only the Wasm magic and version header.
+	ValidateNone ValidationMode = "none"
+)
+
+// ParseValidationMode parses the config's validation setting; "" is the
+// default, ValidateProxyWasm.
+func ParseValidationMode(s string) (ValidationMode, error) {
+	switch m := ValidationMode(strings.TrimSpace(s)); m {
+	case "":
+		return ValidateProxyWasm, nil
+	case ValidateProxyWasm, ValidateWasm, ValidateNone:
+		return m, nil
+	default:
+		return "", fmt.Errorf("unknown validation mode %q: use %q (the default), %q or %q",
+			s, ValidateProxyWasm, ValidateWasm, ValidateNone)
+	}
+}
+
+// envoyMaxMemoryPages is the most linear memory Envoy gives a Wasm module,
+// in 64 KiB pages: PROXY_WASM_HOST_MAX_WASM_MEMORY_SIZE_BYTES (1 GiB) in
+// proxy-wasm-cpp-host include/proxy-wasm/limits.h, which src/v8/v8.cc passes
+// to V8 as --wasm_max_mem_pages. V8 refuses a module whose initial memory is
+// larger; a larger maximum is only capped, and wazero does the same with
+// this limit, so no module that declares a huge memory passes, and none
+// allocates anything here either (compiling never instantiates a memory).
+const envoyMaxMemoryPages = 16384
+
+// validationConfig is a runtime config that compiles for the interpreter only: wazero decodes and
+// validates the module (every function body included) and lowers it to
+// interpreter code, but generates no machine code and never instantiates
+// it. The features are wazero's CoreFeaturesV2 (WebAssembly 2.0), which
+// Envoy's V8 supports and toolchains emit by default: mutable globals, bulk
+// memory, sign extension, multi-value, reference types, non-trapping
+// float-to-int and SIMD. V8 supports more (threads, tail calls, exception
+// handling), but wazero cannot validate those with the features that
+// matter here, so modules using them are refused; "validation: none" lets
+// them through.
+// DWARF and custom sections are not kept (readWasmSections drops custom
+// sections anyway).
+func validationConfig() wazero.RuntimeConfig {
+	return wazero.NewRuntimeConfigInterpreter().
+		WithCoreFeatures(api.CoreFeaturesV2).
+		WithMemoryLimitPages(envoyMaxMemoryPages).
+		WithDebugInfoEnabled(false).
+		WithCustomSections(false)
+}
+
+// ValidateModuleFile checks the module file at path under mode. A refusal
+// is a *Error with Kind ErrInvalidModule whose Msg says which rule broke and
+// what to do (its Image is empty: the caller knows the image and sets it).
+// A file that cannot be read is a *Error with Kind ErrInternal.
+//
+// The rules:
+//   - every mode: the file starts with the Wasm magic and version 1
+//     (\0asm 01 00 00 00);
+//   - ValidateWasm and ValidateProxyWasm: the module decodes and validates
+//     as WebAssembly with the features in validationConfig, and its initial
+//     memory is at most Envoy's 1 GiB;
+//   - ValidateProxyWasm: as Envoy (proxy-wasm-cpp-host) loads a module, it
+//     exports a proxy_abi_version_* function of an ABI version Envoy
+//     implements (0_1_0, 0_2_0, 0_2_1; the first one in export order
+//     decides, as in Envoy), exports its memory (or imports one), exports
+//     malloc or proxy_on_memory_allocate typed (i32)->i32, imports no
+//     global, and imports only functions Envoy registers for that ABI
+//     version, with the same type (see envHostFunctions). Memory and table
+//     imports are allowed: Envoy's V8 creates them.
+//
+// Memory: ValidateNone reads the first 8 bytes only. The other modes need
+// the module's bytes in memory, because wazero decodes only from a []byte
+// (Runtime.CompileModule; it cannot read an io.Reader). Custom sections
+// (DWARF debug info, producers, padding: often most of a module) are
+// skipped on disk and never read, except the small "name" section, which
+// Envoy parses too; the rest (types, code, data...) is read once into a
+// buffer of its exact size. wazero then decodes it and lowers function
+// bodies to interpreter code, about 40 times their size, so bodies are
+// validated about chunkBytes at a time (compileModule): the peak is the
+// buffer, wazero's decoded module and one chunk's interpreter code, plus GC
+// slack (measured: 58 MiB of heap for a module of 13 MiB of code, 35 KiB for
+// a small module padded to 64 MiB). All of it is garbage once this
+// returns; the Service bounds how many validations run at once.
+func ValidateModuleFile(path string, mode ValidationMode) error {
+	return validateModuleFile(path, mode, chunkBytes)
+}
+
+// validateModuleFile is ValidateModuleFile compiling about chunk bytes of
+// function bodies at once (see compileModule).
+func validateModuleFile(path string, mode ValidationMode, chunk int) error {
+	mode, err := ParseValidationMode(string(mode))
+	if err != nil {
+		return newError(ErrInternal, "", err, "validate module")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return newError(ErrInternal, "", err, "open module for validation")
+	}
+	defer f.Close()
+	if err := checkWasmHeader(f); err != nil {
+		return err
+	}
+	if mode == ValidateNone {
+		return nil
+	}
+
+	code, err := readWasmSections(f)
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	rt := wazero.NewRuntimeWithConfig(ctx, validationConfig())
+	defer rt.Close(ctx)
+	cm, err := compileModule(ctx, rt, code, chunk)
+	if err != nil {
+		if strings.Contains(err.Error(), "over limit of") {
+			return refuse("asks for more memory than Envoy gives a module (%d pages, 1 GiB): %v: lower its initial memory",
+				envoyMaxMemoryPages, err)
+		}
+		return refuse("is not valid WebAssembly: %v: rebuild it, for WebAssembly 2.0 without threads, tail calls or exception handling, which this check does not accept (or have the operator set validation: none)", err)
+	}
+	defer cm.Close(ctx)
+	if mode == ValidateWasm {
+		return nil
+	}
+	return checkProxyWasm(cm, code)
+}
+
+// chunkBytes is about how many bytes of function bodies ValidateModuleFile
+// has wazero compile at once (see compileModule). Measured on a module of
+// 13 MiB of code: 256 KiB chunks peak at 58 MiB of heap in 1.1 s; 1 MiB
+// chunks at 104 MiB in 0.9 s; the whole module at once at 500 MiB in 2.9 s.
+const chunkBytes = 256 << 10
+
+// stubBody is a code section entry valid for a function of any type: no
+// locals, unreachable, end (unreachable makes the operand stack
+// polymorphic, so end type-checks whatever the results).
+var stubBody = []byte{0x03, 0x00, 0x00, 0x0B}
+
+// compileModule decodes and validates code with wazero and returns a
+// compiled module whose imports and exports (but not necessarily function
+// bodies) are those of code.
+//
+// wazero validates only as part of CompileModule, and its interpreter then
+// keeps every function lowered to interpreter code: about 40 times the size
+// of the code section. So a large code section is validated in chunks of
+// about chunk bytes (a function larger than that is a chunk of its own):
+// each chunk is compiled as the whole module with the bodies outside the
+// chunk replaced by stubBody, then closed. The result is the same as
+// compiling the module at once, because a body's validity depends only on
+// the rest of the module (types, imports, tables, memories, globals,
+// element and data counts), never on other bodies, and every function keeps
+// its index, so wazero's errors name the right one. The module returned is
+// the skeleton with every body a stub, cheap to keep for the
+// import and export checks.
+func compileModule(ctx context.Context, rt wazero.Runtime, code []byte, chunk int) (wazero.CompiledModule, error) {
+	l, ok := parseCodeLayout(code)
+	if !ok || l.bodyBytes <= chunk {
+		return rt.CompileModule(ctx, code)
+	}
+	for start := 0; start < len(l.entries); {
+		end, n := start, 0
+		for end < len(l.entries) && (end == start || n+l.entries[end].n <= chunk) {
+			n += l.entries[end].n
+			end++
+		}
+		cm, err := rt.CompileModule(ctx, l.build(code, start, end))
+		if err != nil {
+			return nil, err
+		}
+		if err := cm.Close(ctx); err != nil {
+			return nil, err
+		}
+		start = end
+	}
+	return rt.CompileModule(ctx, l.build(code, 0, 0))
+}
+
+// codeLayout locates the code section of a module and its entries.
+type codeLayout struct {
+	secStart, secEnd int // the whole code section, id byte included
+	entries          []struct{ off, n int }
+	bodyBytes        int
+}
+
+// parseCodeLayout finds the code section of code and its entries; ok is
+// false if there is none or it is malformed (then wazero reports it).
+func parseCodeLayout(code []byte) (l codeLayout, ok bool) {
+	r := &byteReader{b: code, i: wasmHeaderSize}
+	for r.i < len(r.b) {
+		start := r.i
+		id := r.byte()
+		size := r.u32()
+		if r.err != nil || int(size) > len(r.b)-r.i {
+			return l, false
+		}
+		end := r.i + int(size)
+		if id != 10 {
+			r.i = end
+			continue
+		}
+		sec := &byteReader{b: code[:end], i: r.i}
+		count := sec.u32()
+		if sec.err != nil || int(count) > end-sec.i {
+			return l, false
+		}
+		l.entries = make([]struct{ off, n int }, count)
+		for i := range l.entries {
+			off := sec.i
+			n := sec.u32()
+			if sec.err != nil || int(n) > end-sec.i {
+				return l, false
+			}
+			sec.i += int(n)
+			l.entries[i] = struct{ off, n int }{off, sec.i - off}
+			l.bodyBytes += sec.i - off
+		}
+		if sec.i != end {
+			return l, false
+		}
+		l.secStart, l.secEnd = start, end
+		return l, true
+	}
+	return l, false
+}
+
+// build returns code with the bodies of the functions outside [from, to)
+// replaced by stubBody.
+func (l codeLayout) build(code []byte, from, to int) []byte {
+	payload := binary.AppendUvarint(nil, uint64(len(l.entries)))
+	size := len(payload) + (len(l.entries)-(to-from))*len(stubBody)
+	for _, e := range l.entries[from:to] {
+		size += e.n
+	}
+	out := make([]byte, 0, l.secStart+binary.MaxVarintLen32+1+size+len(code)-l.secEnd)
+	out = append(out, code[:l.secStart]...)
+	out = append(out, 10)
+	out = binary.AppendUvarint(out, uint64(size))
+	out = append(out, payload...)
+	for i, e := range l.entries {
+		if i >= from && i < to {
+			out = append(out, code[e.off:e.off+e.n]...)
+		} else {
+			out = append(out, stubBody...)
+		}
+	}
+	return append(out, code[l.secEnd:]...)
+}
+
+// refuse returns a validation refusal; msg completes "module ...".
+func refuse(format string, args ...any) *Error {
+	return newError(ErrInvalidModule, "", nil, "module "+format, args...)
+}
+
+const wasmHeaderSize = 8
+
+// checkWasmHeader reads the first 8 bytes of f and checks they are the Wasm
+// magic and version 1.
+func checkWasmHeader(f *os.File) error {
+	var h [wasmHeaderSize]byte
+	n, err := io.ReadFull(f, h[:])
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return refuse("is %d bytes long, too short for a WebAssembly module: the image must carry the compiled .wasm file", n)
+	case err != nil:
+		return newError(ErrInternal, "", err, "read module for validation")
+	case string(h[:4]) != "\x00asm":
+		return refuse("does not start with the WebAssembly magic bytes (\\0asm): it is not a compiled .wasm file; push the module built by your proxy-wasm SDK")
+	case binary.LittleEndian.Uint32(h[4:]) == 0x1000d:
+		return refuse("is a WebAssembly component (binary version 0x1000d), but Envoy loads core modules (version 1) only: build a core module (e.g. target wasm32-wasip1, without the component step)")
+	case string(h[4:]) != "\x01\x00\x00\x00":
+		return refuse("has WebAssembly binary version %#x, but Envoy loads version 1 modules only: rebuild it with a toolchain that emits WebAssembly 1.0 modules",
+			binary.LittleEndian.Uint32(h[4:]))
+	}
+	return nil
+}
+
+// span is a byte range of the module file.
+type span struct{ off, n int64 }
+
+// readWasmSections returns the module in f without its custom sections,
+// except the "name" section: the header and all other sections, in order,
+// byte for byte. It checks that every section lies within the file and that
+// custom section names are well-formed, as decoding the whole file would.
+// f is positioned after the header.
+func readWasmSections(f *os.File) ([]byte, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, newError(ErrInternal, "", err, "read module for validation")
+	}
+	s := &sectionScanner{f: f, size: fi.Size()}
+	s.seek(wasmHeaderSize)
+	keep := []span{{0, wasmHeaderSize}}
+	for s.off < s.size {
+		start := s.off
+		id, err := s.readByte()
+		if err != nil {
+			return nil, s.readError(err)
+		}
+		size, _, err := s.readU32()
+		if err != nil {
+			return nil, s.malformed(start, err)
+		}
+		end := s.off + int64(size)
+		if end > s.size {
+			return nil, refuse("is truncated: its section at offset %d claims %d bytes, but the file ends %d bytes later: push the complete module",
+				start, size, s.size-s.off)
+		}
+		if id == 0 { // custom section
+			isName, err := s.readCustomName(end)
+			if err != nil {
+				return nil, s.malformed(start, err)
+			}
+			if !isName {
+				s.seek(end)
+				continue
+			}
+		}
+		if last := &keep[len(keep)-1]; last.off+last.n == start {
+			last.n += end - start
+		} else {
+			keep = append(keep, span{start, end - start})
+		}
+		s.seek(end)
+	}
+
+	var total int64
+	for _, sp := range keep {
+		total += sp.n
+	}
+	code := make([]byte, total)
+	pos := int64(0)
+	for _, sp := range keep {
+		if _, err := f.ReadAt(code[pos:pos+sp.n], sp.off); err != nil {
+			return nil, newError(ErrInternal, "", err, "read module for validation")
+		}
+		pos += sp.n
+	}
+	return code, nil
+}
+
+// sectionScanner reads section headers through a small buffer and seeks
+// over section contents.
+type sectionScanner struct {
+	f    *os.File
+	size int64
+	off  int64 // file offset of the next byte br returns
+	br   *bufio.Reader
+}
+
+// seek moves to file offset off (not before the current offset).
+func (s *sectionScanner) seek(off int64) {
+	if s.br != nil && off-s.off <= int64(s.br.Buffered()) {
+		s.br.Discard(int(off - s.off))
+		s.off = off
+		return
+	}
+	s.off = off
+	r := io.NewSectionReader(s.f, off, s.size-off)
+	if s.br == nil {
+		s.br = bufio.NewReaderSize(r, 4096)
+	} else {
+		s.br.Reset(r)
+	}
+}
+
+func (s *sectionScanner) readByte() (byte, error) {
+	b, err := s.br.ReadByte()
+	if err == nil {
+		s.off++
+	}
+	return b, err
+}
+
+var (
+	errBadLEB  = errors.New("malformed LEB128 integer")
+	errBadName = errors.New("malformed custom section name")
+)
+
+// readU32 reads an unsigned LEB128 u32 and returns it with its length.
+func (s *sectionScanner) readU32() (uint32, int64, error) {
+	var v uint32
+	for i := range 5 {
+		b, err := s.readByte()
+		if err != nil {
+			return 0, 0, err
+		}
+		if i == 4 && b&0xF0 != 0 { // continuation bit, or bits past 32
+			return 0, 0, errBadLEB
+		}
+		v |= uint32(b&0x7F) << (7 * i)
+		if b&0x80 == 0 {
+			return v, int64(i + 1), nil
+		}
+	}
+	return 0, 0, errBadLEB
+}
+
+// readCustomName reads the name of a custom section ending at end, checks
+// that it is UTF-8 within the section, and reports whether it is "name".
+// Names are read in chunks: a name may be as long as the file.
+func (s *sectionScanner) readCustomName(end int64) (bool, error) {
+	n, _, err := s.readU32()
+	if err != nil {
+		return false, err
+	}
+	if int64(n) > end-s.off {
+		return false, fmt.Errorf("%w: longer than the section", errBadName)
+	}
+	var buf [4096]byte
+	carry, isName := 0, n == 4
+	for left := int64(n); left > 0; {
+		k := min(left, int64(len(buf)-carry))
+		if _, err := io.ReadFull(s.br, buf[carry:carry+int(k)]); err != nil {
+			return false, err
+		}
+		s.off += k
+		left -= k
+		data := buf[:carry+int(k)]
+		if isName {
+			isName = string(data) == "name"
+		}
+		// Keep an incomplete last rune for the next chunk.
+		cut := len(data)
+		if left > 0 {
+			i := len(data) - 1
+			for j := 0; j < 3 && i > 0 && !utf8.RuneStart(data[i]); j++ {
+				i--
+			}
+			if !utf8.FullRune(data[i:]) {
+				cut = i
+			}
+		}
+		if !utf8.Valid(data[:cut]) {
+			return false, fmt.Errorf("%w: not UTF-8", errBadName)
+		}
+		carry = copy(buf[:], data[cut:])
+	}
+	return isName, nil
+}
+
+// malformed turns an error reading the header of the section at offset
+// start into a refusal, or an internal error if the file could not be read.
+func (s *sectionScanner) malformed(start int64, err error) error {
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return refuse("is truncated: its section at offset %d is cut short: push the complete module", start)
+	case errors.Is(err, errBadLEB) || errors.Is(err, errBadName):
+		return refuse("is not valid WebAssembly: section at offset %d: %v: rebuild it, or push the complete module", start, err)
+	}
+	return s.readError(err)
+}
+
+func (s *sectionScanner) readError(err error) error {
+	return newError(ErrInternal, "", err, "read module for validation")
+}
+
+// The host functions Envoy links into a Wasm module, with their types
+// written (params)->results ("()" for none), as read in:
+//
+//   - proxy-wasm/proxy-wasm-cpp-host at 52a02917b301c679ff43565064cffd2c3c750f6d
+//     (2026-07-01): WasmBase::registerCallbacks in src/wasm.cc registers,
+//     in module "env", pthread_equal, emscripten_notify_memory_growth, every
+//     FOR_ALL_HOST_FUNCTIONS name with the prefix "proxy_", and the ABI
+//     specific ones below; and every FOR_ALL_WASI_FUNCTIONS name in both
+//     "wasi_unstable" and "wasi_snapshot_preview1" (the macros are in
+//     include/proxy-wasm/exports.h). Types are those of the C++ functions in
+//     exports.h: Word is i32, int64_t and uint64_t are i64
+//     (include/proxy-wasm/word.h, ConvertFunctionWordToUint32). Functions a
+//     plugin's capabilities restrict are replaced by stubs of the same
+//     type, so they still link.
+//   - envoyproxy/envoy at 5fbb163d9688f1b11437ff976c26e474c22ab8d2:
+//     Wasm::registerCallbacks in source/extensions/common/wasm/wasm.cc adds
+//     env.envoy_resolve_dns.
+//
+// Envoy links function imports by "module.name" (V8::link in src/v8/v8.cc):
+// a function import not registered, from any module, or of another type,
+// fails with "Failed to load Wasm module due to a missing import" (or "an
+// import type mismatch"), and so does any global import. Older Envoy
+// releases register fewer WASI functions (most were added in
+// proxy-wasm-cpp-host #427 and #533, 2024-2026), so a module passing here
+// may still need a recent Envoy.
+var (
+	// envHostFunctions are the env functions of every ABI version.
+	envHostFunctions = map[string]string{
+		"pthread_equal":                   "(i32,i32)->i32",
+		"emscripten_notify_memory_growth": "(i32)->()",
+		"envoy_resolve_dns":               "(i32,i32,i32)->i32",
+		// FOR_ALL_HOST_FUNCTIONS
+		"proxy_log":                          "(i32,i32,i32)->i32",
+		"proxy_get_status":                   "(i32,i32,i32)->i32",
+		"proxy_set_property":                 "(i32,i32,i32,i32)->i32",
+		"proxy_get_property":                 "(i32,i32,i32,i32)->i32",
+		"proxy_send_local_response":          "(i32,i32,i32,i32,i32,i32,i32,i32)->i32",
+		"proxy_get_shared_data":              "(i32,i32,i32,i32,i32)->i32",
+		"proxy_set_shared_data":              "(i32,i32,i32,i32,i32)->i32",
+		"proxy_register_shared_queue":        "(i32,i32,i32)->i32",
+		"proxy_resolve_shared_queue":         "(i32,i32,i32,i32,i32)->i32",
+		"proxy_dequeue_shared_queue":         "(i32,i32,i32)->i32",
+		"proxy_enqueue_shared_queue":         "(i32,i32,i32)->i32",
+		"proxy_get_header_map_value":         "(i32,i32,i32,i32,i32)->i32",
+		"proxy_add_header_map_value":         "(i32,i32,i32,i32,i32)->i32",
+		"proxy_replace_header_map_value":     "(i32,i32,i32,i32,i32)->i32",
+		"proxy_remove_header_map_value":      "(i32,i32,i32)->i32",
+		"proxy_get_header_map_pairs":         "(i32,i32,i32)->i32",
+		"proxy_set_header_map_pairs":         "(i32,i32,i32)->i32",
+		"proxy_get_header_map_size":          "(i32,i32)->i32",
+		"proxy_get_buffer_status":            "(i32,i32,i32)->i32",
+		"proxy_get_buffer_bytes":             "(i32,i32,i32,i32,i32)->i32",
+		"proxy_set_buffer_bytes":             "(i32,i32,i32,i32,i32)->i32",
+		"proxy_http_call":                    "(i32,i32,i32,i32,i32,i32,i32,i32,i32,i32)->i32",
+		"proxy_grpc_call":                    "(i32,i32,i32,i32,i32,i32,i32,i32,i32,i32,i32,i32)->i32",
+		"proxy_grpc_stream":                  "(i32,i32,i32,i32,i32,i32,i32,i32,i32)->i32",
+		"proxy_grpc_close":                   "(i32)->i32",
+		"proxy_grpc_cancel":                  "(i32)->i32",
+		"proxy_grpc_send":                    "(i32,i32,i32,i32)->i32",
+		"proxy_set_tick_period_milliseconds": "(i32)->i32",
+		"proxy_get_current_time_nanoseconds": "(i32)->i32",
+		"proxy_define_metric":                "(i32,i32,i32,i32)->i32",
+		"proxy_increment_metric":             "(i32,i64)->i32",
+		"proxy_record_metric":                "(i32,i64)->i32",
+		"proxy_get_metric":                   "(i32,i32)->i32",
+		"proxy_set_effective_context":        "(i32)->i32",
+		"proxy_done":                         "()->i32",
+		"proxy_call_foreign_function":        "(i32,i32,i32,i32,i32,i32)->i32",
+	}
+
+	// abiHostFunctions are the env functions Envoy registers only for a
+	// module exporting that ABI version marker.
+	abiHostFunctions = map[string]map[string]string{
+		"proxy_abi_version_0_1_0": {
+			"proxy_get_configuration": "(i32,i32)->i32",
+			"proxy_continue_request":  "()->i32",
+			"proxy_continue_response": "()->i32",
+			"proxy_clear_route_cache": "()->i32",
+		},
+		"proxy_abi_version_0_2_0": {
+			"proxy_continue_stream": "(i32)->i32",
+			"proxy_close_stream":    "(i32)->i32",
+		},
+		"proxy_abi_version_0_2_1": {
+			"proxy_continue_stream": "(i32)->i32",
+			"proxy_close_stream":    "(i32)->i32",
+			"proxy_get_log_level":   "(i32)->i32",
+		},
+	}
+
+	// wasiHostFunctions (FOR_ALL_WASI_FUNCTIONS) are registered in both
+	// wasiModules. Their types are WASI's, except path_link and
+	// path_symlink, which Envoy declares with fewer parameters than WASI
+	// does (so a module importing them with WASI's types fails to link).
+	wasiHostFunctions = map[string]string{
+		"fd_write":                "(i32,i32,i32,i32)->i32",
+		"fd_read":                 "(i32,i32,i32,i32)->i32",
+		"fd_seek":                 "(i32,i64,i32,i32)->i32",
+		"fd_close":                "(i32)->i32",
+		"fd_fdstat_get":           "(i32,i32)->i32",
+		"fd_fdstat_set_flags":     "(i32,i32)->i32",
+		"fd_fdstat_set_rights":    "(i32,i64,i64)->i32",
+		"environ_get":             "(i32,i32)->i32",
+		"environ_sizes_get":       "(i32,i32)->i32",
+		"args_get":                "(i32,i32)->i32",
+		"args_sizes_get":          "(i32,i32)->i32",
+		"clock_time_get":          "(i32,i64,i32)->i32",
+		"clock_res_get":           "(i32,i32)->i32",
+		"fd_advise":               "(i32,i64,i64,i32)->i32",
+		"fd_allocate":             "(i32,i64,i64)->i32",
+		"fd_datasync":             "(i32)->i32",
+		"fd_filestat_set_size":    "(i32,i64)->i32",
+		"fd_filestat_set_times":   "(i32,i64,i64,i32)->i32",
+		"fd_pread":                "(i32,i32,i32,i64,i32)->i32",
+		"fd_pwrite":               "(i32,i32,i32,i64,i32)->i32",
+		"fd_readdir":              "(i32,i32,i32,i64,i32)->i32",
+		"fd_renumber":             "(i32,i32)->i32",
+		"fd_sync":                 "(i32)->i32",
+		"fd_tell":                 "(i32,i32)->i32",
+		"path_create_directory":   "(i32,i32,i32)->i32",
+		"path_filestat_set_times": "(i32,i32,i32,i32,i64,i64,i32)->i32",
+		"path_link":               "(i32,i32,i32,i32,i32,i32)->i32", // sic: WASI has 7 params
+		"path_readlink":           "(i32,i32,i32,i32,i32,i32)->i32",
+		"path_remove_directory":   "(i32,i32,i32)->i32",
+		"path_rename":             "(i32,i32,i32,i32,i32,i32)->i32",
+		"path_symlink":            "(i32,i32,i32,i32)->i32", // sic: WASI has 5 params
+		"path_unlink_file":        "(i32,i32,i32)->i32",
+		"sock_accept":             "(i32,i32,i32)->i32",
+		"sock_recv":               "(i32,i32,i32,i32,i32,i32)->i32",
+		"sock_send":               "(i32,i32,i32,i32,i32)->i32",
+		"sock_shutdown":           "(i32,i32)->i32",
+		"random_get":              "(i32,i32)->i32",
+		"sched_yield":             "()->i32",
+		"poll_oneoff":             "(i32,i32,i32,i32)->i32",
+		"proc_exit":               "(i32)->()",
+		"path_open":               "(i32,i32,i32,i32,i32,i64,i64,i32,i32)->i32",
+		"fd_prestat_get":          "(i32,i32)->i32",
+		"fd_prestat_dir_name":     "(i32,i32,i32)->i32",
+		"path_filestat_get":       "(i32,i32,i32,i32,i32)->i32",
+		"fd_filestat_get":         "(i32,i32)->i32",
+	}
+
+	wasiModules = []string{"wasi_snapshot_preview1", "wasi_unstable"}
+)
+
+// abiVersions are the ABI markers Envoy knows, in the order it tests them.
+var abiVersions = []string{"proxy_abi_version_0_1_0", "proxy_abi_version_0_2_0", "proxy_abi_version_0_2_1"}
+
+const abiPrefix = "proxy_abi_version_"
+
+// allocatorType is the type Envoy calls malloc / proxy_on_memory_allocate with.
+const allocatorType = "(i32)->i32"
+
+// maxProblems is how many broken rules a refusal lists.
+const maxProblems = 5
+
+// checkProxyWasm applies the proxy-wasm rules to a module wazero compiled
+// from code.
+func checkProxyWasm(cm wazero.CompiledModule, code []byte) error {
+	imports, exports, err := parseImportsExports(code)
+	if err != nil {
+		return refuse("is not valid WebAssembly: %v: rebuild it", err)
+	}
+	var problems []string
+	add := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
+
+	// ABI version: the first function export Envoy knows decides
+	// (BytecodeUtil::getAbiVersion, src/bytecode_util.cc).
+	abi, unknownABI := "", ""
+	for _, e := range exports {
+		if e.kind != externFunc {
+			continue
+		}
+		if slices.Contains(abiVersions, e.name) {
+			abi = e.name
+			break
+		}
+		if unknownABI == "" && strings.HasPrefix(e.name, abiPrefix) {
+			unknownABI = e.name
+		}
+	}
+	switch {
+	case abi != "":
+	case unknownABI != "":
+		add("exports %s, an ABI version Envoy does not implement (it implements %s): build it with a proxy-wasm SDK release that targets one of those",
+			unknownABI, strings.Join(abiVersions, ", "))
+	default:
+		add("does not export a %s* function: build it with a proxy-wasm SDK", abiPrefix)
+	}
+
+	// Memory: V8 takes the memory the module exports, whatever its name, or
+	// the one it imports.
+	if len(cm.ExportedMemories()) == 0 && len(cm.ImportedMemories()) == 0 {
+		add("does not export its memory, through which Envoy exchanges data with it: build it with a proxy-wasm SDK (the export is named \"memory\")")
+	}
+
+	// Allocator (WasmBase::getFunctions, src/wasm.cc): malloc, else
+	// proxy_on_memory_allocate; a wrong type fails the module.
+	funcs := cm.ExportedFunctions()
+	if def, ok := funcs["malloc"]; ok {
+		if t := funcType(def); t != allocatorType {
+			add("exports malloc with type %s, but Envoy calls malloc as %s: rename that export, or give it that type", t, allocatorType)
+		}
+	} else if def, ok := funcs["proxy_on_memory_allocate"]; ok {
+		if t := funcType(def); t != allocatorType {
+			add("exports proxy_on_memory_allocate with type %s, but Envoy calls it as %s: build it with a proxy-wasm SDK", t, allocatorType)
+		}
+	} else {
+		add("exports neither malloc nor proxy_on_memory_allocate, which Envoy calls to allocate memory in the module: build it with a proxy-wasm SDK")
+	}
+
+	// Imports.
+	for _, im := range imports {
+		if im.kind == externGlobal {
+			add("imports the global %s.%s, and Envoy links no imported globals: build a standalone module (not one for dynamic linking)", im.module, im.name)
+		}
+	}
+	for _, def := range cm.ImportedFunctions() {
+		mod, name, _ := def.Import()
+		if p := checkImport(abi, mod, name, funcType(def)); p != "" {
+			add("%s", p)
+		}
+	}
+
+	if len(problems) == 0 {
+		return nil
+	}
+	msg := "module " + strings.Join(problems[:min(len(problems), maxProblems)], "; module ")
+	if n := len(problems) - maxProblems; n > 0 {
+		msg += fmt.Sprintf("; and %d more problems", n)
+	}
+	return newError(ErrInvalidModule, "", nil, "%s", msg)
+}
+
+// checkImport checks one function import against what Envoy registers for
+// ABI version abi ("" when unknown: then any version's functions count)
+// and returns the problem, if any.
+func checkImport(abi, mod, name, typ string) string {
+	qual := mod + "." + name
+	var want string
+	var ok bool
+	switch {
+	case mod == "env":
+		want, ok = envHostFunctions[name]
+		if !ok && abi != "" {
+			want, ok = abiHostFunctions[abi][name]
+		}
+		var versions []string // the ABI versions that have it
+		for _, v := range abiVersions {
+			if t, found := abiHostFunctions[v][name]; found {
+				versions = append(versions, v)
+				if !ok && abi == "" {
+					// The ABI is unknown, and that is reported already:
+					// accept any version's function, with its type.
+					want = t
+				}
+			}
+		}
+		ok = ok || abi == "" && len(versions) > 0
+		switch {
+		case ok:
+		case len(versions) > 0:
+			return fmt.Sprintf("imports %s, which Envoy provides only to modules exporting %s, and this one exports %s: build it with a single proxy-wasm SDK release",
+				qual, strings.Join(versions, " or "), abi)
+		default:
+			return fmt.Sprintf("imports %s, which Envoy does not provide (Envoy refuses to start a module with an unknown import): build it with a proxy-wasm SDK, and call only the host functions of the proxy-wasm ABI", qual)
+		}
+	case slices.Contains(wasiModules, mod):
+		if want, ok = wasiHostFunctions[name]; !ok {
+			return fmt.Sprintf("imports %s, a WASI function Envoy does not provide (it implements a subset of WASI): build it without that call", qual)
+		}
+	default:
+		return fmt.Sprintf("imports %s, but Envoy links imports only from the modules env, wasi_snapshot_preview1 and wasi_unstable: remove the dependency on module %q (an unresolved import left by the toolchain?)", qual, mod)
+	}
+	if typ != want {
+		return fmt.Sprintf("imports %s with type %s, but Envoy's %s has type %s: build it with a proxy-wasm SDK that matches Envoy", qual, typ, qual, want)
+	}
+	return ""
+}
+
+// funcType formats a function's type as (params)->results, the notation of
+// the host function tables.
+func funcType(def api.FunctionDefinition) string {
+	names := func(ts []api.ValueType) []string {
+		out := make([]string, len(ts))
+		for i, t := range ts {
+			out[i] = api.ValueTypeName(t)
+		}
+		return out
+	}
+	res := names(def.ResultTypes())
+	r := strings.Join(res, ",")
+	if len(res) != 1 {
+		r = "(" + r + ")"
+	}
+	return "(" + strings.Join(names(def.ParamTypes()), ",") + ")->" + r
+}
+
+// External kinds of imports and exports.
+const (
+	externFunc   = 0
+	externTable  = 1
+	externMemory = 2
+	externGlobal = 3
+)
+
+type wasmImport struct {
+	module, name string
+	kind         byte
+}
+
+type wasmExport struct {
+	name string
+	kind byte
+}
+
+// parseImportsExports returns the imports and the exports of a module in
+// their order in the binary (wazero gives exports as a map, but Envoy's
+// choice of ABI depends on their order, and wazero does not list imported
+// globals). code has been validated by wazero already.
+func parseImportsExports(code []byte) ([]wasmImport, []wasmExport, error) {
+	r := &byteReader{b: code, i: wasmHeaderSize}
+	var imports []wasmImport
+	var exports []wasmExport
+	for r.i < len(r.b) {
+		id := r.byte()
+		size := r.u32()
+		if r.err != nil || int(size) > len(r.b)-r.i {
+			return nil, nil, errors.New("malformed section")
+		}
+		sec := &byteReader{b: r.b[:r.i+int(size)], i: r.i}
+		r.i += int(size)
+		switch id {
+		case 2: // import
+			for n := sec.u32(); n > 0 && sec.err == nil; n-- {
+				im := wasmImport{module: sec.name(), name: sec.name(), kind: sec.byte()}
+				switch im.kind {
+				case externFunc:
+					sec.u32()
+				case externTable:
+					sec.byte()
+					sec.limits()
+				case externMemory:
+					sec.limits()
+				case externGlobal:
+					sec.byte()
+					sec.byte()
+				default:
+					return nil, nil, fmt.Errorf("import %s.%s of unknown kind %d", im.module, im.name, im.kind)
+				}
+				imports = append(imports, im)
+			}
+		case 7: // export
+			for n := sec.u32(); n > 0 && sec.err == nil; n-- {
+				e := wasmExport{name: sec.name(), kind: sec.byte()}
+				sec.u32()
+				exports = append(exports, e)
+			}
+		}
+		if sec.err != nil {
+			return nil, nil, fmt.Errorf("section %d: %w", id, sec.err)
+		}
+	}
+	return imports, exports, nil
+}
+
+// byteReader reads Wasm binary values from b; the first error sticks.
+type byteReader struct {
+	b   []byte
+	i   int
+	err error
+}
+
+var errShort = errors.New("unexpected end of section")
+
+func (r *byteReader) byte() byte {
+	if r.err != nil {
+		return 0
+	}
+	if r.i >= len(r.b) {
+		r.err = errShort
+		return 0
+	}
+	r.i++
+	return r.b[r.i-1]
+}
+
+func (r *byteReader) u32() uint32 {
+	var v uint32
+	for i := range 5 {
+		b := r.byte()
+		if r.err != nil {
+			return 0
+		}
+		v |= uint32(b&0x7F) << (7 * i)
+		if b&0x80 == 0 {
+			return v
+		}
+	}
+	r.err = errBadLEB
+	return 0
+}
+
+func (r *byteReader) name() string {
+	n := r.u32()
+	if r.err != nil {
+		return ""
+	}
+	if int(n) > len(r.b)-r.i {
+		r.err = errShort
+		return ""
+	}
+	r.i += int(n)
+	return string(r.b[r.i-int(n) : r.i])
+}
+
+func (r *byteReader) limits() {
+	flags := r.byte()
+	r.u32() // min
+	if flags&1 != 0 {
+		r.u32() // max
+	}
+}
