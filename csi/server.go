@@ -35,6 +35,7 @@ func ParseEndpoint(ep string) (string, error) {
 type Server struct {
 	grpc *grpc.Server
 	lis  net.Listener
+	path string
 }
 
 // Listen removes a stale socket at path, listens there and registers the
@@ -53,11 +54,22 @@ func Listen(path string, id *IdentityServer, ns *NodeServer, log *slog.Logger) (
 	g := grpc.NewServer(grpc.UnaryInterceptor(logCalls(log)))
 	csipb.RegisterIdentityServer(g, id)
 	csipb.RegisterNodeServer(g, ns)
-	return &Server{grpc: g, lis: lis}, nil
+	return &Server{grpc: g, lis: lis, path: path}, nil
 }
 
 // Serve answers calls until Stop.
 func (s *Server) Serve() error { return s.grpc.Serve(s.lis) }
+
+// Check connects to the socket, as kubelet would: a health check that
+// fails if the socket was removed or the server stopped accepting.
+func (s *Server) Check(ctx context.Context) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", s.path)
+	if err != nil {
+		return fmt.Errorf("CSI socket %s: %w", s.path, err)
+	}
+	return c.Close()
+}
 
 // Stop ends the server, letting calls in flight finish.
 func (s *Server) Stop() { s.grpc.GracefulStop() }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -51,39 +53,193 @@ type PublishRequest struct {
 type Puller interface {
 	Resolve(ctx context.Context, ref puller.Reference) (ocispec.Descriptor, error)
 	Pull(ctx context.Context, ref puller.Reference, desc ocispec.Descriptor, sink puller.Sink) (puller.Module, error)
+	Sources(ref puller.Reference) []puller.Reference
 }
 
 // Config configures a Service.
 type Config struct {
 	// PullTimeout bounds one pull (default DefaultPullTimeout).
 	PullTimeout time.Duration
-	// Validate, if set, checks a module file before it is stored.
-	Validate func(path string) error
+	// Puller holds the registry settings the flags fix; the config file
+	// adds insecure registries, mirrors and limits to them.
+	Puller puller.Config
+	// NewPuller makes a registry client for settings (default puller.New).
+	NewPuller func(puller.Config) Puller
+	// Metrics records what the service does (nil: nothing).
+	Metrics *Metrics
+	// GCInterval is how often unused modules are collected (default 1m).
+	GCInterval time.Duration
+	// MaxConcurrentValidations bounds the memory validation takes (default 2).
+	MaxConcurrentValidations int
+}
+
+// settings are what the config file can change while the daemon runs.
+type settings struct {
+	puller     Puller
+	validation ValidationMode
+	gc         GCPolicy
+	prePull    []string
 }
 
 // Service publishes and unpublishes module volumes on this node.
 type Service struct {
-	cfg     Config
-	store   *Store
-	puller  Puller
-	mounter *Mounter
-	log     *slog.Logger
-	flight  singleflight.Group
-	locks   *keyedLock
+	cfg      Config
+	store    *Store
+	mounter  *Mounter
+	log      *slog.Logger
+	flight   singleflight.Group
+	locks    *keyedLock
+	uses     *Uses
+	cur      atomic.Pointer[settings]
+	validate chan struct{}
+
+	bgMu          sync.Mutex
+	bg            context.Context
+	prePullCancel context.CancelFunc
 }
 
-// NewService returns a Service over an opened store.
-func NewService(cfg Config, store *Store, p Puller, m *Mounter, log *slog.Logger) *Service {
+// NewService returns a Service over an opened store, with default settings
+// until Reconfigure. Module uses are counted from the volume records on disk.
+func NewService(cfg Config, store *Store, m *Mounter, log *slog.Logger) (*Service, error) {
 	if cfg.PullTimeout <= 0 {
 		cfg.PullTimeout = DefaultPullTimeout
 	}
-	return &Service{cfg: cfg, store: store, puller: p, mounter: m, log: log, locks: newKeyedLock()}
+	if cfg.NewPuller == nil {
+		cfg.NewPuller = func(c puller.Config) Puller { return puller.New(c) }
+	}
+	if cfg.GCInterval <= 0 {
+		cfg.GCInterval = time.Minute
+	}
+	if cfg.MaxConcurrentValidations <= 0 {
+		cfg.MaxConcurrentValidations = 2
+	}
+	uses, err := NewUses(store)
+	if err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, store: store, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
+		validate: make(chan struct{}, cfg.MaxConcurrentValidations)}
+	if err := s.Reconfigure(FileConfig{}); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Reconfigure applies a config file: registries, limits, validation and
+// the pre-pull list take effect for the next pull; pulls in flight finish
+// with the settings they started with.
+func (s *Service) Reconfigure(fc FileConfig) error {
+	if err := fc.Validate(); err != nil {
+		return err
+	}
+	pc := s.cfg.Puller
+	pc.InsecureRegistries = append(append([]string(nil), s.cfg.Puller.InsecureRegistries...), fc.Registries.Insecure...)
+	pc.Mirrors = fc.Registries.Mirrors
+	if q := fc.Limits.MaxModuleSize; q != nil {
+		pc.MaxModuleSize = q.Value()
+	}
+	mode, err := ParseValidationMode(fc.Validation)
+	if err != nil {
+		return err
+	}
+	age, err := fc.UnusedModuleAge()
+	if err != nil {
+		return err
+	}
+	gc := GCPolicy{MaxAge: age}
+	if q := fc.Limits.MaxStoreSize; q != nil {
+		gc.MaxStoreBytes = q.Value()
+	}
+	var images []string
+	for _, p := range fc.PrePull {
+		images = append(images, p.Image)
+	}
+	s.cur.Store(&settings{puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images})
+	s.startPrePull(images)
+	return nil
+}
+
+// Start runs the background work (pre-pulls, garbage collection) until
+// ctx ends.
+func (s *Service) Start(ctx context.Context) {
+	s.bgMu.Lock()
+	s.bg = ctx
+	s.bgMu.Unlock()
+	s.startPrePull(s.cur.Load().prePull)
+	go s.gcLoop(ctx)
+}
+
+func (s *Service) gcLoop(ctx context.Context) {
+	t := time.NewTicker(s.cfg.GCInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.CollectGarbage()
+		}
+	}
+}
+
+// CollectGarbage removes unused modules under the configured limits.
+func (s *Service) CollectGarbage() {
+	policy := s.cur.Load().gc
+	if policy.MaxAge == 0 && policy.MaxStoreBytes == 0 {
+		return
+	}
+	res, err := CollectGarbage(s.store, s.uses, policy, time.Now(), s.log)
+	if err != nil {
+		s.log.Error("garbage collection failed", "err", err)
+		return
+	}
+	if res.Removed > 0 {
+		s.log.Info("garbage collected", "removed", res.Removed, "freedBytes", res.FreedBytes, "storeBytes", res.StoreBytes)
+	}
+}
+
+// startPrePull pulls images in the background (IfNotPresent), replacing a
+// pre-pull still running from an older config. Before Start it only records.
+func (s *Service) startPrePull(images []string) {
+	s.bgMu.Lock()
+	defer s.bgMu.Unlock()
+	if s.bg == nil {
+		return
+	}
+	if s.prePullCancel != nil {
+		s.prePullCancel()
+	}
+	ctx, cancel := context.WithCancel(s.bg)
+	s.prePullCancel = cancel
+	go func() {
+		for _, img := range images {
+			if ctx.Err() != nil {
+				return
+			}
+			ref, err := puller.ParseReference(img)
+			if err != nil {
+				s.log.Error("pre-pull skipped", "image", img, "err", err)
+				continue
+			}
+			if rec, ok := s.store.GetRef(ref.String()); ok {
+				s.log.Debug("pre-pull: already present", "image", img, "digest", rec.Module)
+				continue
+			}
+			rec, _, err := s.pull(ctx, ref)
+			if err != nil {
+				s.log.Error("pre-pull failed", "image", img, "err", err)
+				continue
+			}
+			s.log.Info("pre-pulled", "image", img, "digest", rec.Module)
+		}
+	}()
 }
 
 // Publish makes the module of req.Image visible at req.TargetPath as
 // req.FileName, read-only. It is idempotent and undoes partial work on failure.
-func (s *Service) Publish(ctx context.Context, req PublishRequest) error {
+func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	start := time.Now()
+	defer func() { s.cfg.Metrics.published(err, time.Since(start)) }()
 	unlock := s.locks.Lock(req.VolumeID)
 	defer unlock()
 	image := req.Image.Original
@@ -115,7 +271,18 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) error {
 			return err
 		}
 		module, manifest = ref.Module, ref.Manifest
+		s.cfg.Metrics.cacheLookup(cached)
 		s.log.Info("module resolved", "image", image, "digest", module, "manifest", manifest, "cached", cached, "policy", req.PullPolicy)
+		// Count this volume's use before anything else, under the lock the
+		// collector takes: from here on the module cannot be removed.
+		if !s.uses.Acquire(s.store, module) {
+			return newError(ErrNotPresent, image, nil, "module %s was removed from the node while this volume was being published; the retry pulls it again", module)
+		}
+		defer func() {
+			if err != nil {
+				s.uses.Release(module)
+			}
+		}()
 	}
 	if req.SHA256 != "" && req.SHA256 != module {
 		return newError(ErrDigestMismatch, image, nil,
@@ -141,11 +308,16 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) error {
 		}
 	}
 	if err := s.mountTarget(view, req.TargetPath); err != nil {
-		if derr := s.store.DeleteVolume(req.VolumeID, req.TargetPath); derr != nil {
-			s.log.Error("undoing volume record", "volume", req.VolumeID, "err", derr)
+		// A new volume is forgotten again; an existing record (a crash
+		// before its mount) stays, for kubelet's retry or unpublish.
+		if !exists {
+			if derr := s.store.DeleteVolume(req.VolumeID, req.TargetPath); derr != nil {
+				s.log.Error("undoing volume record", "volume", req.VolumeID, "err", derr)
+			}
 		}
 		return newError(ErrInternal, image, err, "mounting the module at %s", req.TargetPath)
 	}
+	s.store.Touch(module)
 	s.log.Info("volume published", "volume", req.VolumeID, "target", req.TargetPath, "image", image,
 		"digest", module, "file", req.FileName, "pod", req.Pod.Namespace+"/"+req.Pod.Name, "duration", time.Since(start))
 	return nil
@@ -183,10 +355,18 @@ func (s *Service) Unpublish(ctx context.Context, volumeID, target string) error 
 	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return newError(ErrInternal, "", err, "removing target path %s of volume %s", target, volumeID)
 	}
+	rec, known, err := s.store.GetVolume(volumeID, target)
+	if err != nil {
+		return err
+	}
 	if err := s.store.DeleteVolume(volumeID, target); err != nil {
 		return err
 	}
-	s.log.Info("volume unpublished", "volume", volumeID, "target", target)
+	if known {
+		s.uses.Release(rec.Module)
+		s.store.Touch(rec.Module)
+	}
+	s.log.Info("volume unpublished", "volume", volumeID, "target", target, "known", known)
 	return nil
 }
 
@@ -238,8 +418,30 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference) (RefRecord, bo
 }
 
 func (s *Service) doPull(ctx context.Context, ref puller.Reference) (RefRecord, bool, error) {
+	st := s.cur.Load()
+	var lastErr error
+	for _, src := range st.puller.Sources(ref) {
+		rec, cached, err := s.pullFrom(ctx, st, ref, src)
+		if err == nil {
+			return rec, cached, nil
+		}
+		lastErr = err
+		if src.Registry != ref.Registry {
+			s.log.Warn("mirror failed, trying the next source", "image", ref.Original, "mirror", src.Registry, "err", err)
+		}
+		if errors.Is(err, ErrNoSpace) || ctx.Err() != nil {
+			break
+		}
+	}
+	return RefRecord{}, false, lastErr
+}
+
+// pullFrom resolves and, unless its manifest is already stored, downloads
+// ref from src (the registry or one of its mirrors). Records are kept under
+// ref's own registry name, wherever the bytes came from.
+func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference) (RefRecord, bool, error) {
 	start := time.Now()
-	desc, err := s.puller.Resolve(ctx, ref)
+	desc, err := st.puller.Resolve(ctx, src)
 	if err != nil {
 		return RefRecord{}, false, err
 	}
@@ -254,36 +456,52 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference) (RefRecord, 
 		}
 		return rec, true, nil
 	}
-	s.log.Info("pulling module", "image", ref.Original, "manifest", desc.Digest)
-	w, err := s.store.NewBlobWriter()
+	s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", desc.Digest)
+	rec, err := s.download(ctx, st, ref, src, desc)
+	s.cfg.Metrics.pulled(err, rec.Size, time.Since(start))
 	if err != nil {
-		return RefRecord{}, false, withImage(err, ref.Original)
-	}
-	defer w.Abort()
-	mod, err := s.puller.Pull(ctx, ref, desc, w)
-	if err != nil {
-		if ne, ok := err.(*Error); ok { // the store failed, e.g. a full disk
-			return RefRecord{}, false, withImage(ne, ref.Original)
-		}
 		return RefRecord{}, false, err
 	}
-	d, err := w.Commit(s.cfg.Validate)
+	s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", desc.Digest,
+		"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
+	return rec, false, nil
+}
+
+// download streams the module into the store, validates it and records
+// which module the reference resolved to.
+func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor) (RefRecord, error) {
+	w, err := s.store.NewBlobWriter()
 	if err != nil {
-		return RefRecord{}, false, withImage(err, ref.Original)
+		return RefRecord{}, withImage(err, ref.Original)
 	}
-	rec := RefRecord{Ref: byDigest, Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC()}
+	defer w.Abort()
+	mod, err := st.puller.Pull(ctx, src, desc, w)
+	if err != nil {
+		var ne *Error
+		if errors.As(err, &ne) { // the store failed, e.g. a full disk
+			return RefRecord{}, withImage(ne, ref.Original)
+		}
+		return RefRecord{}, err
+	}
+	d, err := w.Commit(func(path string) error {
+		s.validate <- struct{}{}
+		defer func() { <-s.validate }()
+		return ValidateModuleFile(path, st.validation)
+	})
+	if err != nil {
+		return RefRecord{}, withImage(err, ref.Original)
+	}
+	rec := RefRecord{Ref: ref.ByDigest(desc.Digest).String(), Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC()}
 	if err := s.store.PutRef(rec); err != nil {
-		return RefRecord{}, false, withImage(err, ref.Original)
+		return RefRecord{}, withImage(err, ref.Original)
 	}
 	if ref.Digest == "" {
 		rec.Ref = ref.String()
 		if err := s.store.PutRef(rec); err != nil {
-			return RefRecord{}, false, withImage(err, ref.Original)
+			return RefRecord{}, withImage(err, ref.Original)
 		}
 	}
-	s.log.Info("module pulled", "image", ref.Original, "digest", d, "manifest", desc.Digest,
-		"layout", mod.Layout, "bytes", mod.Size, "duration", time.Since(start))
-	return rec, false, nil
+	return rec, nil
 }
 
 // withImage names the image in a node error that has none.

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -49,6 +50,17 @@ func OpenStore(root string) (*Store, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// Check reports whether the store's directories are there and writable,
+// for the health endpoint.
+func (s *Store) Check(context.Context) error {
+	f, err := os.CreateTemp(s.volumeDir(), tmpPrefix+"health-*")
+	if err != nil {
+		return storageError(err, "the store is not writable")
+	}
+	f.Close()
+	return os.Remove(f.Name())
 }
 
 // Root is the store's root directory.

@@ -38,6 +38,8 @@ type Config struct {
 	// InsecureRegistries are reached over plain HTTP: "host:port" names that
 	// port, "host" alone every port of it. Every other registry is HTTPS.
 	InsecureRegistries []string
+	// Mirrors maps a registry host to mirrors tried before it, in order.
+	Mirrors map[string][]string
 	// DockerConfig is the path of a Docker config.json with node credentials.
 	DockerConfig string
 	// MaxModuleSize caps a module's bytes (default 256 MiB).
@@ -94,6 +96,19 @@ func defaultTransport() http.RoundTripper {
 		ResponseHeaderTimeout: 60 * time.Second,
 		ExpectContinueTimeout: time.Second,
 	}
+}
+
+// Sources lists where ref can be pulled from: its registry's mirrors, in
+// order, then the registry itself. Each is the same repository and tag or
+// digest on another host.
+func (p *Puller) Sources(ref Reference) []Reference {
+	var out []Reference
+	for _, m := range p.cfg.Mirrors[ref.Registry] {
+		alt := ref
+		alt.Registry = m
+		out = append(out, alt)
+	}
+	return append(out, ref)
 }
 
 // MaxModuleSize is the configured cap on a module's size.

@@ -10,10 +10,18 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/wasm-csi/wasm-csi/csi"
 	"github.com/wasm-csi/wasm-csi/node"
@@ -145,12 +153,40 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	pl := puller.New(puller.Config{
-		InsecureRegistries: cfg.InsecureRegistries,
-		DockerConfig:       cfg.DockerConfig,
-		UserAgent:          "wasm-csi/" + version,
-	})
-	svc := node.NewService(node.Config{}, store, pl, node.NewMounter(), log)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics, err := node.NewMetrics(reg, store)
+	if err != nil {
+		return err
+	}
+	svc, err := node.NewService(node.Config{
+		Puller: puller.Config{
+			InsecureRegistries: cfg.InsecureRegistries,
+			DockerConfig:       cfg.DockerConfig,
+			UserAgent:          "wasm-csi/" + version,
+		},
+		Metrics: metrics,
+	}, store, node.NewMounter(), log)
+	if err != nil {
+		return err
+	}
+	if cfg.ConfigFile != "" {
+		w := &node.ConfigWatcher{Path: cfg.ConfigFile, Log: log, Apply: func(fc node.FileConfig) {
+			if err := svc.Reconfigure(fc); err != nil {
+				log.Error("config not applied", "path", cfg.ConfigFile, "err", err)
+			}
+		}}
+		if err := w.Load(); err != nil {
+			log.Error("config not applied; running with defaults until it is fixed", "path", cfg.ConfigFile, "err", err)
+		}
+		go func() {
+			if err := w.Run(ctx); err != nil {
+				log.Error("config watch stopped", "path", cfg.ConfigFile, "err", err)
+			}
+		}()
+	}
+	svc.Start(ctx)
+
 	sock, _ := csi.ParseEndpoint(cfg.Endpoint)
 	srv, err := csi.Listen(sock,
 		&csi.IdentityServer{Name: cfg.DriverName, Version: version},
@@ -158,12 +194,33 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", cfg.Endpoint, err)
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve() }()
-	log.Info("serving", "endpoint", cfg.Endpoint)
+	checks := []func(context.Context) error{srv.Check, store.Check}
+	if cfg.RegistrationDir != "" {
+		rs, err := csi.ListenRegistration(filepath.Join(cfg.RegistrationDir, csi.RegistrationSocketName(cfg.DriverName)),
+			cfg.DriverName, cfg.KubeletCSIEndpoint, log)
+		if err != nil {
+			return fmt.Errorf("serving kubelet plugin registration: %w", err)
+		}
+		defer rs.Stop()
+		go func() { errc <- rs.Serve() }()
+		checks = append(checks, rs.Check)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("/healthz", csi.HealthHandler(checks...))
+	hs := &http.Server{Addr: cfg.MetricsAddress, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	lis, err := net.Listen("tcp", cfg.MetricsAddress)
+	if err != nil {
+		return fmt.Errorf("--metrics-address: %w", err)
+	}
+	go func() { errc <- hs.Serve(lis) }()
+	log.Info("serving", "endpoint", cfg.Endpoint, "metrics", lis.Addr().String())
 	select {
 	case <-ctx.Done():
 		log.Info("stopping")
+		_ = hs.Close()
 		srv.Stop()
 		return nil
 	case err := <-errc:

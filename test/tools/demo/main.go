@@ -74,7 +74,7 @@ func run(driver, module string) error {
 	sock := filepath.Join(work, "csi.sock")
 	root := filepath.Join(work, "store")
 	cmd := exec.Command(driver, "--endpoint=unix://"+sock, "--node-id=demo-node", "--root-dir="+root,
-		"--insecure-registry="+reg.ProxyHost(), "--log-format=text")
+		"--insecure-registry="+reg.ProxyHost(), "--log-format=text", "--metrics-address=127.0.0.1:0")
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stdout
 	if err := cmd.Start(); err != nil {
 		return err
