@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,9 +52,25 @@ type PublishRequest struct {
 
 // Puller is what the service needs of a registry client.
 type Puller interface {
-	Resolve(ctx context.Context, ref puller.Reference) (ocispec.Descriptor, error)
-	Pull(ctx context.Context, ref puller.Reference, desc ocispec.Descriptor, sink puller.Sink) (puller.Module, error)
+	Attempts(ref puller.Reference, keyrings ...*puller.Keyring) ([]puller.Credential, error)
+	ResolveWith(ctx context.Context, ref puller.Reference, attempts []puller.Credential) (ocispec.Descriptor, puller.Credential, error)
+	Pull(ctx context.Context, ref puller.Reference, desc ocispec.Descriptor, sink puller.Sink, cred puller.Credential) (puller.Module, error)
 	Sources(ref puller.Reference) []puller.Reference
+}
+
+// Credentials finds the registry credentials a pod may use: its
+// imagePullSecrets, then its service account's.
+type Credentials interface {
+	Keyrings(ctx context.Context, pod PodInfo) ([]*puller.Keyring, error)
+}
+
+// Events tells a pod's owner what happened to its image, as kubelet's
+// image events do. Implementations must never block a publish.
+type Events interface {
+	Pulling(pod PodInfo, image string)
+	Pulled(pod PodInfo, image string, rec RefRecord, took time.Duration)
+	AlreadyPresent(pod PodInfo, image string, rec RefRecord)
+	Failed(pod PodInfo, image string, err error)
 }
 
 // Config configures a Service.
@@ -71,6 +88,10 @@ type Config struct {
 	GCInterval time.Duration
 	// MaxConcurrentValidations bounds the memory validation takes (default 2).
 	MaxConcurrentValidations int
+	// Credentials gives pods' pull secrets (nil: node credentials only).
+	Credentials Credentials
+	// Events records image events on pods (nil: none).
+	Events Events
 }
 
 // settings are what the config file can change while the daemon runs.
@@ -225,7 +246,7 @@ func (s *Service) startPrePull(images []string) {
 				s.log.Debug("pre-pull: already present", "image", img, "digest", rec.Module)
 				continue
 			}
-			rec, _, err := s.pull(ctx, ref)
+			rec, _, _, err := s.pull(ctx, ref, access{})
 			if err != nil {
 				s.log.Error("pre-pull failed", "image", img, "err", err)
 				continue
@@ -370,9 +391,55 @@ func (s *Service) Unpublish(ctx context.Context, volumeID, target string) error 
 	return nil
 }
 
-// resolve finds the module for req under its pull policy, pulling if needed.
-// cached is true when no download was made.
+// access is who a publish pulls as: its pod's keyrings, and a key naming
+// them so that two publishes with the same credentials can be told apart
+// from two with different ones.
+type access struct {
+	keyrings []*puller.Keyring
+	key      string
+}
+
+// accessFor reads the pod's pull secrets. Secrets that cannot be read are
+// logged and skipped, as kubelet does: the pull goes on with the rest.
+func (s *Service) accessFor(ctx context.Context, req PublishRequest) access {
+	if s.cfg.Credentials == nil || req.Pod.Namespace == "" || req.Pod.Name == "" {
+		return access{}
+	}
+	ks, err := s.cfg.Credentials.Keyrings(ctx, req.Pod)
+	if err != nil {
+		s.log.Warn("pull secrets not read; trying node credentials", "image", req.Image.Original,
+			"pod", req.Pod.Namespace+"/"+req.Pod.Name, "err", err)
+	}
+	a := access{keyrings: ks}
+	var names []string
+	for _, k := range ks {
+		names = append(names, k.Name)
+	}
+	a.key = strings.Join(names, ",")
+	return a
+}
+
+// resolve finds the module for req under its pull policy, pulling if needed,
+// and records image events on the pod. cached is true when no download was
+// made.
 func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, bool, error) {
+	start := time.Now()
+	acc := s.accessFor(ctx, req)
+	rec, cached, err := s.lookup(ctx, req, acc)
+	ev := s.cfg.Events
+	switch {
+	case ev == nil:
+	case err != nil:
+		ev.Failed(req.Pod, req.Image.Original, err)
+	case cached:
+		ev.AlreadyPresent(req.Pod, req.Image.Original, rec)
+	default:
+		ev.Pulled(req.Pod, req.Image.Original, rec, time.Since(start))
+	}
+	return rec, cached, err
+}
+
+func (s *Service) lookup(ctx context.Context, req PublishRequest, acc access) (RefRecord, bool, error) {
 	key := req.Image.String()
 	switch req.PullPolicy {
 	case PullNever:
@@ -381,47 +448,87 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, b
 			return RefRecord{}, false, newError(ErrNotPresent, req.Image.Original, nil,
 				"pullPolicy is Never and the module is not on this node; pre-pull it or use IfNotPresent")
 		}
-		return rec, true, nil
+		return rec, true, s.checkAccess(ctx, req.Image, rec, acc)
 	case PullIfNotPresent:
 		if rec, ok := s.store.GetRef(key); ok {
-			return rec, true, nil
+			return rec, true, s.checkAccess(ctx, req.Image, rec, acc)
 		}
 	}
-	return s.pull(ctx, req.Image)
+	if s.cfg.Events != nil {
+		s.cfg.Events.Pulling(req.Pod, req.Image.Original)
+	}
+	rec, cached, leader, err := s.pull(ctx, req.Image, acc)
+	if err != nil {
+		return RefRecord{}, false, err
+	}
+	if leader != acc.key {
+		// Another publish's pull, joined: its credentials proved nothing
+		// about this pod's.
+		if err := s.checkAccess(ctx, req.Image, rec, acc); err != nil {
+			return RefRecord{}, false, err
+		}
+	}
+	return rec, cached, nil
+}
+
+// checkAccess refuses a module that is on the node only because another
+// pod's pull secret fetched it, unless this pod's credentials (or the
+// node's, or none) get the same manifest from the registry: Kubernetes'
+// "ensure secret pulled images" rule. Public modules need no check.
+func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec RefRecord, acc access) error {
+	if !rec.Private {
+		return nil
+	}
+	st := s.cur.Load()
+	pinned := ref.ByDigest(rec.Manifest)
+	attempts, err := st.puller.Attempts(pinned, acc.keyrings...)
+	if err != nil {
+		return err
+	}
+	if _, _, err := st.puller.ResolveWith(ctx, pinned, attempts); err != nil {
+		if errors.Is(err, puller.ErrUnauthorized) {
+			return &puller.Error{Kind: puller.ErrUnauthorized, Image: ref.Original, Cause: err,
+				Msg: "the module is on this node, pulled with another pod's pull secret, and this pod's credentials do not give access to it; add an imagePullSecret the registry accepts"}
+		}
+		return err
+	}
+	return nil
 }
 
 type pullResult struct {
 	rec    RefRecord
 	cached bool
+	leader string
 }
 
 // pull runs one pull per reference at a time. The pull runs on a context of
-// its own, so it outlives a caller that gives up; the caller's retry joins it.
-func (s *Service) pull(ctx context.Context, ref puller.Reference) (RefRecord, bool, error) {
+// its own, so it outlives a caller that gives up; the caller's retry joins
+// it. leader names the credentials the pull ran with.
+func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, string, error) {
 	ch := s.flight.DoChan(ref.String(), func() (any, error) {
 		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PullTimeout)
 		defer cancel()
-		rec, cached, err := s.doPull(pctx, ref)
-		return pullResult{rec, cached}, err
+		rec, cached, err := s.doPull(pctx, ref, acc)
+		return pullResult{rec, cached, acc.key}, err
 	})
 	select {
 	case r := <-ch:
 		if r.Err != nil {
-			return RefRecord{}, false, r.Err
+			return RefRecord{}, false, "", r.Err
 		}
 		pr := r.Val.(pullResult)
-		return pr.rec, pr.cached, nil
+		return pr.rec, pr.cached, pr.leader, nil
 	case <-ctx.Done():
-		return RefRecord{}, false, newError(ErrPullPending, ref.Original, ctx.Err(),
+		return RefRecord{}, false, "", newError(ErrPullPending, ref.Original, ctx.Err(),
 			"the pull is still in progress and goes on in the background; the retry will use it")
 	}
 }
 
-func (s *Service) doPull(ctx context.Context, ref puller.Reference) (RefRecord, bool, error) {
+func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, error) {
 	st := s.cur.Load()
 	var lastErr error
 	for _, src := range st.puller.Sources(ref) {
-		rec, cached, err := s.pullFrom(ctx, st, ref, src)
+		rec, cached, err := s.pullFrom(ctx, st, ref, src, acc)
 		if err == nil {
 			return rec, cached, nil
 		}
@@ -439,9 +546,13 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference) (RefRecord, 
 // pullFrom resolves and, unless its manifest is already stored, downloads
 // ref from src (the registry or one of its mirrors). Records are kept under
 // ref's own registry name, wherever the bytes came from.
-func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference) (RefRecord, bool, error) {
+func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference, acc access) (RefRecord, bool, error) {
 	start := time.Now()
-	desc, err := st.puller.Resolve(ctx, src)
+	attempts, err := st.puller.Attempts(src, acc.keyrings...)
+	if err != nil {
+		return RefRecord{}, false, err
+	}
+	desc, used, err := st.puller.ResolveWith(ctx, src, attempts)
 	if err != nil {
 		return RefRecord{}, false, err
 	}
@@ -457,7 +568,7 @@ func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Re
 		return rec, true, nil
 	}
 	s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", desc.Digest)
-	rec, err := s.download(ctx, st, ref, src, desc)
+	rec, err := s.download(ctx, st, ref, src, desc, used)
 	s.cfg.Metrics.pulled(err, rec.Size, time.Since(start))
 	if err != nil {
 		return RefRecord{}, false, err
@@ -469,13 +580,13 @@ func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Re
 
 // download streams the module into the store, validates it and records
 // which module the reference resolved to.
-func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor) (RefRecord, error) {
+func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential) (RefRecord, error) {
 	w, err := s.store.NewBlobWriter()
 	if err != nil {
 		return RefRecord{}, withImage(err, ref.Original)
 	}
 	defer w.Abort()
-	mod, err := st.puller.Pull(ctx, src, desc, w)
+	mod, err := st.puller.Pull(ctx, src, desc, w, used)
 	if err != nil {
 		var ne *Error
 		if errors.As(err, &ne) { // the store failed, e.g. a full disk
@@ -491,7 +602,9 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 	if err != nil {
 		return RefRecord{}, withImage(err, ref.Original)
 	}
-	rec := RefRecord{Ref: ref.ByDigest(desc.Digest).String(), Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC()}
+	rec := RefRecord{Ref: ref.ByDigest(desc.Digest).String(), Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC(),
+		// Pulled with a pod's secret: other pods must prove their access.
+		Private: used.FromPodSecret()}
 	if err := s.store.PutRef(rec); err != nil {
 		return RefRecord{}, withImage(err, ref.Original)
 	}

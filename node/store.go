@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -128,6 +129,9 @@ type BlobWriter struct {
 	pending chan []byte
 	wdone   chan error
 	werr    error
+	// failed is set by the writer goroutine on its first error, so the
+	// next Write stops the download instead of finding out at Commit.
+	failed atomic.Bool
 	// flushed is the offset up to which buffered writeback was started.
 	flushed int64
 	done    bool
@@ -236,16 +240,18 @@ func (w *BlobWriter) startDirectWriter() {
 	w.pending = make(chan []byte, 2)
 	w.wdone = make(chan error, 1)
 	w.stage = <-w.spare
-	go func(f *os.File, pending <-chan []byte, spare chan<- []byte, done chan<- error) {
+	go func(f *os.File, pending <-chan []byte, spare chan<- []byte, done chan<- error, failed *atomic.Bool) {
 		var err error
 		for b := range pending {
 			if err == nil {
-				_, err = f.Write(b)
+				if _, err = f.Write(b); err != nil {
+					failed.Store(true)
+				}
 			}
 			spare <- b
 		}
 		done <- err
-	}(w.f, w.pending, w.spare, w.wdone)
+	}(w.f, w.pending, w.spare, w.wdone, &w.failed)
 }
 
 // waitDirectWriter stops the writer goroutine and returns its first error.
@@ -264,6 +270,11 @@ func (w *BlobWriter) waitDirectWriter() error {
 
 // flushStage hands a full stage buffer to the writer goroutine.
 func (w *BlobWriter) flushStage() error {
+	if w.failed.Load() {
+		if err := w.waitDirectWriter(); err != nil {
+			return err
+		}
+	}
 	if w.pending == nil {
 		// The writer goroutine is gone (after Commit, Abort or a failed
 		// Reset): refuse, rather than spin on a full stage buffer.
@@ -337,6 +348,7 @@ func (w *BlobWriter) Reset() error {
 			}
 			w.direct = true
 		}
+		w.failed.Store(false)
 		w.startDirectWriter()
 	}
 	w.h.Reset()
@@ -420,7 +432,10 @@ type RefRecord struct {
 	Module   digest.Digest `json:"module"`
 	Size     int64         `json:"size"`
 	Layout   string        `json:"layout,omitempty"`
-	PulledAt time.Time     `json:"pulledAt"`
+	// Private is set when the module was pulled with a pod's pull secret:
+	// another pod must then show the registry its own access.
+	Private  bool      `json:"private,omitempty"`
+	PulledAt time.Time `json:"pulledAt"`
 }
 
 func (s *Store) refPath(ref string) string {

@@ -3,11 +3,9 @@ package puller
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"strings"
 	"time"
@@ -18,7 +16,6 @@ import (
 	"oras.land/oras-go/v2/errdef"
 	"oras.land/oras-go/v2/registry/remote"
 	"oras.land/oras-go/v2/registry/remote/auth"
-	"oras.land/oras-go/v2/registry/remote/credentials"
 	"oras.land/oras-go/v2/registry/remote/errcode"
 	"oras.land/oras-go/v2/registry/remote/retry"
 )
@@ -128,38 +125,36 @@ func (p *Puller) plainHTTP(registry string) bool {
 	return false
 }
 
-// repository returns a client for ref's repository with node credentials.
-func (p *Puller) repository(ref Reference) (*remote.Repository, error) {
+// repository returns a client for ref's repository that presents cred.
+// Tokens of anonymous and node credentials are cached across pulls; a pod's
+// secret gets a cache of its own, so no token crosses from one pod's
+// credentials to another pull.
+func (p *Puller) repository(ref Reference, cred Credential) (*remote.Repository, error) {
 	repo, err := remote.NewRepository(ref.Name())
 	if err != nil {
 		return nil, newError(ErrInvalidReference, ref.Original, err, "cannot use this repository name")
 	}
 	repo.PlainHTTP = p.plainHTTP(ref.Registry)
-	client := &auth.Client{Client: p.client, Cache: p.nodeCache, Header: http.Header{"User-Agent": {p.cfg.UserAgent}}}
-	if p.cfg.DockerConfig != "" {
-		client.Credential = p.nodeCredential
+	cache := p.nodeCache
+	if cred.FromPodSecret() {
+		cache = auth.NewCache()
+	}
+	client := &auth.Client{Client: p.client, Cache: cache, Header: http.Header{"User-Agent": {p.cfg.UserAgent}}}
+	if !cred.Anonymous() {
+		client.Credential = auth.StaticCredential(ref.Registry, cred.Cred)
 	}
 	repo.Client = client
 	repo.SkipReferrersGC = true
 	return repo, nil
 }
 
-// nodeCredential reads the node's Docker config on each use, so a rotated
-// file takes effect without a restart.
-func (p *Puller) nodeCredential(ctx context.Context, hostport string) (auth.Credential, error) {
-	if _, err := os.Stat(p.cfg.DockerConfig); errors.Is(err, os.ErrNotExist) {
-		return auth.EmptyCredential, nil
-	}
-	store, err := credentials.NewFileStore(p.cfg.DockerConfig)
-	if err != nil {
-		return auth.EmptyCredential, fmt.Errorf("reading --docker-config: %w", err)
-	}
-	return credentials.Credential(store)(ctx, hostport)
-}
+// nodeSource names the node's --docker-config as a credential source.
+const nodeSource = "node --docker-config"
 
-// Resolve asks the registry which manifest the reference names now.
-func (p *Puller) Resolve(ctx context.Context, ref Reference) (ocispec.Descriptor, error) {
-	repo, err := p.repository(ref)
+// Resolve asks the registry which manifest the reference names now,
+// presenting cred.
+func (p *Puller) Resolve(ctx context.Context, ref Reference, cred Credential) (ocispec.Descriptor, error) {
+	repo, err := p.repository(ref, cred)
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -172,6 +167,31 @@ func (p *Puller) Resolve(ctx context.Context, ref Reference) (ocispec.Descriptor
 		return ocispec.Descriptor{}, classify(ref, err, "resolving "+target)
 	}
 	return desc, nil
+}
+
+// ResolveWith tries each credential in order until the registry accepts
+// one, and returns the manifest and the credential that worked. When every
+// one is refused the error names each source tried (never its contents).
+func (p *Puller) ResolveWith(ctx context.Context, ref Reference, attempts []Credential) (ocispec.Descriptor, Credential, error) {
+	var tried []string
+	var last error
+	for _, c := range attempts {
+		desc, err := p.Resolve(ctx, ref, c)
+		if err == nil {
+			return desc, c, nil
+		}
+		if !errors.Is(err, ErrUnauthorized) {
+			return ocispec.Descriptor{}, Credential{}, err
+		}
+		tried = append(tried, c.Source)
+		last = err
+	}
+	if last == nil {
+		return ocispec.Descriptor{}, Credential{}, newError(ErrUnauthorized, ref.Original, nil, "no credentials to try")
+	}
+	return ocispec.Descriptor{}, Credential{}, newError(ErrUnauthorized, ref.Original, nil,
+		"%s refused every credential tried (%s); give the pod an imagePullSecret, or the node a --docker-config, that the registry accepts",
+		ref.Registry, strings.Join(tried, ", "))
 }
 
 // Module describes a pulled module.
@@ -190,8 +210,8 @@ type Module struct {
 // Pull fetches the image whose top-level manifest is desc and streams its
 // module into sink, verifying every digest on the way. Nothing is buffered
 // whole: memory stays flat whatever the module's size.
-func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descriptor, sink Sink) (Module, error) {
-	repo, err := p.repository(ref)
+func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descriptor, sink Sink, cred Credential) (Module, error) {
+	repo, err := p.repository(ref, cred)
 	if err != nil {
 		return Module{}, err
 	}
