@@ -22,6 +22,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/klog/v2"
 
 	"github.com/wasm-csi/wasm-csi/csi"
 	"github.com/wasm-csi/wasm-csi/node"
@@ -146,8 +148,26 @@ func main() {
 // run wires the parts together and serves until ctx ends.
 func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	log.Info("starting", "version", version, "driver", cfg.DriverName, "node", cfg.NodeID, "root", cfg.RootDir, "endpoint", cfg.Endpoint)
-	if cfg.Kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+	klog.SetSlogLogger(log) // client-go logs through the same handler
+	var creds node.Credentials
+	var events node.Events
+	kcfg, inCluster, err := node.KubeConfig(cfg.Kubeconfig)
+	switch {
+	case err != nil:
+		return fmt.Errorf("kubernetes client config: %w", err)
+	case !inCluster:
 		log.Info("no Kubernetes API: running with node credentials only (no pull secrets, no pod events)")
+	default:
+		kcfg.UserAgent = "wasm-csi/" + version
+		client, err := kubernetes.NewForConfig(kcfg)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		creds = &node.KubeCredentials{Client: client, Log: log}
+		ke := node.NewKubeEvents(client, cfg.DriverName, cfg.NodeID)
+		defer ke.Shutdown()
+		events = ke
+		log.Info("using the Kubernetes API for pull secrets and pod events", "host", kcfg.Host)
 	}
 	store, err := node.OpenStore(cfg.RootDir)
 	if err != nil {
@@ -165,7 +185,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			DockerConfig:       cfg.DockerConfig,
 			UserAgent:          "wasm-csi/" + version,
 		},
-		Metrics: metrics,
+		Metrics:     metrics,
+		Credentials: creds,
+		Events:      events,
 	}, store, node.NewMounter(), log)
 	if err != nil {
 		return err
