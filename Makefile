@@ -9,7 +9,9 @@ LDFLAGS := -X main.version=$(VERSION)
 export WASM_CSI_REGISTRY_BIN := $(BIN)/registry
 export WASM_CSI_DRIVER_BIN := $(BIN)/wasm-csi-driver
 
-.PHONY: all build tools test unit integration sanity lint bench demo testdata clean
+IMAGE ?= ghcr.io/wasm-csi/wasm-csi-driver:$(VERSION)
+
+.PHONY: all build tools test lint bench demo testdata image clean
 
 all: build
 
@@ -38,6 +40,13 @@ bench: tools build
 
 testdata:
 	$(GO) run ./test/testdata/gen -o test/testdata/plugin.wasm
+
+# The driver's container image as an OCI image-layout tarball (no Docker
+# engine needed): `ctr -n k8s.io images import bin/wasm-csi-driver-image.tar`.
+# With Docker: docker build -f cmd/wasm-csi-driver/Dockerfile .
+image: build
+	$(GO) run ./test/tools/mkimage -o $(BIN)/wasm-csi-driver-image.tar -name $(IMAGE) \
+		-entrypoint /wasm-csi-driver $(BIN)/wasm-csi-driver=/wasm-csi-driver
 
 demo: tools build
 	bash test/demo.sh
