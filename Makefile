@@ -8,10 +8,11 @@ REGISTRY_VERSION := v3.1.2
 LDFLAGS := -X main.version=$(VERSION)
 export WASM_CSI_REGISTRY_BIN := $(BIN)/registry
 export WASM_CSI_DRIVER_BIN := $(BIN)/wasm-csi-driver
+export WASM_CSI_KUBE_BIN_DIR := $(BIN)
 
 IMAGE ?= ghcr.io/wasm-csi/wasm-csi-driver:$(VERSION)
 
-.PHONY: all build tools test lint bench demo testdata image clean
+.PHONY: all build tools kube-tools test lint bench demo testdata image clean
 
 all: build
 
@@ -24,7 +25,13 @@ $(BIN)/wasm-csi-driver: $(shell find cmd node csi puller -name '*.go' -not -name
 $(BIN)/registry:
 	GOBIN=$(BIN) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(REGISTRY_VERSION)
 
-tools: $(BIN)/registry
+# A real kube-apiserver and kubectl (built from k8s.io/kubernetes on the Go
+# module proxy through test/kube/tools) and Debian's etcd, for the tests of
+# credentials, RBAC and events. Cached: rebuilt only when the wrapper changes.
+kube-tools:
+	test/kube/build.sh $(BIN) kube-apiserver kubectl
+
+tools: $(BIN)/registry kube-tools
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
