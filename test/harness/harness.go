@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -208,6 +209,17 @@ func (d *Daemon) Pid() int {
 		return 0
 	}
 	return d.cmd.Process.Pid
+}
+
+// MetricsURL is the daemon's metrics and health endpoint base URL
+// ("http://127.0.0.1:PORT"), read from its "serving" log line.
+func (d *Daemon) MetricsURL() (string, error) {
+	re := regexp.MustCompile(`"metrics":"([^"]+)"`)
+	m := re.FindAllStringSubmatch(d.Logs(), -1)
+	if len(m) == 0 {
+		return "", fmt.Errorf("the daemon has not logged its metrics address")
+	}
+	return "http://" + m[len(m)-1][1], nil
 }
 
 // Logs is everything the daemon wrote so far.
