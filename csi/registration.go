@@ -122,15 +122,9 @@ func ListenRegistration(sockPath, driverName, csiEndpointOnHost string, log *slo
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := os.MkdirAll(filepath.Dir(sockPath), 0o750); err != nil {
-		return nil, err
-	}
-	if err := os.Remove(sockPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("removing stale registration socket %s: %w", sockPath, err)
-	}
-	lis, err := net.Listen("unix", sockPath)
+	lis, err := listenUnix(sockPath)
 	if err != nil {
-		return nil, fmt.Errorf("listening for kubelet plugin registration on %s: %w", sockPath, err)
+		return nil, fmt.Errorf("kubelet plugin registration: %w", err)
 	}
 	reg := &Registrar{DriverName: driverName, Endpoint: csiEndpointOnHost, Log: log}
 	g := grpc.NewServer()

@@ -31,6 +31,22 @@ func ParseEndpoint(ep string) (string, error) {
 	return "", fmt.Errorf("endpoint %q is not unix:///path", ep)
 }
 
+// listenUnix listens on a unix socket at path, creating its directory and
+// removing a stale socket an earlier run left there.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	return lis, nil
+}
+
 // Server serves Identity and Node on a unix socket.
 type Server struct {
 	grpc *grpc.Server
@@ -41,13 +57,7 @@ type Server struct {
 // Listen removes a stale socket at path, listens there and registers the
 // services. Serve starts answering.
 func Listen(path string, id *IdentityServer, ns *NodeServer, log *slog.Logger) (*Server, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, err
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
-	}
-	lis, err := net.Listen("unix", path)
+	lis, err := listenUnix(path)
 	if err != nil {
 		return nil, err
 	}

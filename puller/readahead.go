@@ -67,12 +67,12 @@ func newReadAhead(r io.Reader, chunks, chunkSize int) *readAhead {
 	return ra
 }
 
-func (ra *readAhead) Read(p []byte) (int, error) {
+// current returns the chunk with unread bytes, fetching the next one when
+// the current is used up, or the stream's final error (io.EOF at the end).
+func (ra *readAhead) current() (*chunk, error) {
 	for {
 		if ra.cur != nil && ra.cur.off < ra.cur.n {
-			n := copy(p, ra.cur.buf[ra.cur.off:ra.cur.n])
-			ra.cur.off += n
-			return n, nil
+			return ra.cur, nil
 		}
 		if ra.cur != nil {
 			if ra.cur.err != nil {
@@ -83,47 +83,43 @@ func (ra *readAhead) Read(p []byte) (int, error) {
 			ra.cur = nil
 		}
 		if ra.err != nil {
-			return 0, ra.err
+			return nil, ra.err
 		}
 		c, ok := <-ra.full
 		if !ok {
-			return 0, io.ErrUnexpectedEOF
+			return nil, io.ErrUnexpectedEOF
 		}
 		ra.cur = c
 	}
+}
+
+func (ra *readAhead) Read(p []byte) (int, error) {
+	c, err := ra.current()
+	if err != nil {
+		return 0, err
+	}
+	n := copy(p, c.buf[c.off:c.n])
+	c.off += n
+	return n, nil
 }
 
 // WriteTo hands whole chunks to w, saving a copy.
 func (ra *readAhead) WriteTo(w io.Writer) (int64, error) {
 	var total int64
 	for {
-		if ra.cur != nil && ra.cur.off < ra.cur.n {
-			n, err := w.Write(ra.cur.buf[ra.cur.off:ra.cur.n])
-			ra.cur.off += n
-			total += int64(n)
-			if err != nil {
-				return total, err
-			}
-		}
-		if ra.cur != nil {
-			if ra.cur.err != nil {
-				ra.err = ra.cur.err
-			}
-			ra.cur.err = nil
-			ra.free <- ra.cur
-			ra.cur = nil
-		}
-		if ra.err == io.EOF {
+		c, err := ra.current()
+		if err == io.EOF {
 			return total, nil
 		}
-		if ra.err != nil {
-			return total, ra.err
+		if err != nil {
+			return total, err
 		}
-		c, ok := <-ra.full
-		if !ok {
-			return total, io.ErrUnexpectedEOF
+		n, err := w.Write(c.buf[c.off:c.n])
+		c.off += n
+		total += int64(n)
+		if err != nil {
+			return total, err
 		}
-		ra.cur = c
 	}
 }
 
