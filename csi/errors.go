@@ -14,7 +14,8 @@ import (
 // codeOf is the one place domain errors become gRPC codes.
 func codeOf(err error) codes.Code {
 	switch {
-	case errors.Is(err, puller.ErrInvalidReference), errors.Is(err, node.ErrInvalidArgument):
+	case errors.Is(err, puller.ErrInvalidReference), errors.Is(err, node.ErrInvalidArgument),
+		errors.Is(err, puller.ErrBlockedAddress): // the pod named a registry it may not use
 		return codes.InvalidArgument
 	case errors.Is(err, puller.ErrNotFound):
 		return codes.NotFound

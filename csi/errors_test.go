@@ -56,6 +56,7 @@ type codeCase struct {
 var sentinels = []codeCase{
 	{"puller.ErrInvalidReference", puller.ErrInvalidReference, codes.InvalidArgument},
 	{"node.ErrInvalidArgument", node.ErrInvalidArgument, codes.InvalidArgument},
+	{"puller.ErrBlockedAddress", puller.ErrBlockedAddress, codes.InvalidArgument},
 	{"puller.ErrNotFound", puller.ErrNotFound, codes.NotFound},
 	{"puller.ErrUnauthorized", puller.ErrUnauthorized, codes.PermissionDenied},
 	{"puller.ErrUnavailable", puller.ErrUnavailable, codes.Unavailable},

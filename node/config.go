@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,6 +26,7 @@ import (
 //	  insecure: [registry.local:5000]      # plain HTTP, added to --insecure-registry
 //	  mirrors:                             # tried first, the registry itself after
 //	    ghcr.io: [mirror.internal:5000]
+//	  blockedCIDRs: [10.0.0.0/8]           # never dialed, besides loopback, link-local, metadata
 //	limits:
 //	  maxModuleSize: 256Mi                 # a larger module is refused
 //	  maxStoreSize: 10Gi                   # unused modules are removed past this
@@ -43,6 +45,25 @@ type FileConfig struct {
 type RegistriesConfig struct {
 	Insecure []string            `json:"insecure,omitempty"`
 	Mirrors  map[string][]string `json:"mirrors,omitempty"`
+	// BlockedCIDRs are networks never dialed for an image (unless the host
+	// is named in insecure, a mirror or --insecure-registry), beside the
+	// loopback, link-local and cloud-metadata addresses that always are.
+	BlockedCIDRs []string `json:"blockedCIDRs,omitempty"`
+}
+
+// BlockedNetworks parses registries.blockedCIDRs.
+func (r RegistriesConfig) BlockedNetworks() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var errs []error
+	for _, c := range r.BlockedCIDRs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(c))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("registries.blockedCIDRs: %q is not a CIDR like 10.0.0.0/8 or fd00::/8", c))
+			continue
+		}
+		out = append(out, p.Masked())
+	}
+	return out, errors.Join(errs...)
 }
 
 // LimitsConfig bounds what the store holds.
@@ -87,6 +108,9 @@ func (c FileConfig) Validate() error {
 				errs = append(errs, fmt.Errorf("registries.mirrors[%s]: %w", reg, err))
 			}
 		}
+	}
+	if _, err := c.Registries.BlockedNetworks(); err != nil {
+		errs = append(errs, err)
 	}
 	if q := c.Limits.MaxModuleSize; q != nil && q.Sign() <= 0 {
 		errs = append(errs, fmt.Errorf("limits.maxModuleSize must be positive, not %s", q))

@@ -169,3 +169,22 @@ func TestConfigWatcherMissingFile(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestBlockedCIDRsConfig: registries.blockedCIDRs is parsed and masked; a
+// value that is not a CIDR is refused with the field's name.
+func TestBlockedCIDRsConfig(t *testing.T) {
+	c, err := ParseFileConfig([]byte("registries:\n  blockedCIDRs: [10.1.2.3/8, 'fd00::/8', ' 192.168.0.0/16 ']\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.Registries.BlockedNetworks()
+	if err != nil || len(got) != 3 || got[0].String() != "10.0.0.0/8" || got[1].String() != "fd00::/8" || got[2].String() != "192.168.0.0/16" {
+		t.Errorf("BlockedNetworks() = %v, %v", got, err)
+	}
+	for _, bad := range []string{"10.0.0.1", "10.0.0.0/33", "example.com/8", ""} {
+		_, err := ParseFileConfig([]byte("registries:\n  blockedCIDRs: ['" + bad + "']\n"))
+		if err == nil || !strings.Contains(err.Error(), "registries.blockedCIDRs") {
+			t.Errorf("blockedCIDRs [%q]: %v, want an error naming registries.blockedCIDRs", bad, err)
+		}
+	}
+}

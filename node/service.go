@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -113,6 +114,7 @@ type Service struct {
 	uses     *Uses
 	cur      atomic.Pointer[settings]
 	validate chan struct{}
+	damp     *damper
 
 	bgMu          sync.Mutex
 	bg            context.Context
@@ -139,7 +141,11 @@ func NewService(cfg Config, store *Store, m *Mounter, log *slog.Logger) (*Servic
 		return nil, err
 	}
 	s := &Service{cfg: cfg, store: store, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
-		validate: make(chan struct{}, cfg.MaxConcurrentValidations)}
+		validate: make(chan struct{}, cfg.MaxConcurrentValidations), damp: newDamper(nil)}
+	// Records of volumes kubelet cleaned up while the daemon was down.
+	if _, err := s.reconcile(); err != nil {
+		return nil, err
+	}
 	if err := s.Reconfigure(FileConfig{}); err != nil {
 		return nil, err
 	}
@@ -156,6 +162,11 @@ func (s *Service) Reconfigure(fc FileConfig) error {
 	pc := s.cfg.Puller
 	pc.InsecureRegistries = append(append([]string(nil), s.cfg.Puller.InsecureRegistries...), fc.Registries.Insecure...)
 	pc.Mirrors = fc.Registries.Mirrors
+	blocked, err := fc.Registries.BlockedNetworks()
+	if err != nil {
+		return err
+	}
+	pc.BlockedCIDRs = append(append([]netip.Prefix(nil), s.cfg.Puller.BlockedCIDRs...), blocked...)
 	if q := fc.Limits.MaxModuleSize; q != nil {
 		pc.MaxModuleSize = q.Value()
 	}
@@ -176,6 +187,7 @@ func (s *Service) Reconfigure(fc FileConfig) error {
 		images = append(images, p.Image)
 	}
 	s.cur.Store(&settings{puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images})
+	s.damp.reset() // new registry settings may fix what failed
 	s.startPrePull(images)
 	return nil
 }
@@ -506,9 +518,15 @@ type pullResult struct {
 // it. leader names the credentials the pull ran with.
 func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, string, error) {
 	ch := s.flight.DoChan(ref.String(), func() (any, error) {
+		// An image that keeps failing is not asked for again before its
+		// damping window ends (damping.go).
+		if err := s.damp.check(ref.String(), acc.key); err != nil {
+			return pullResult{}, err
+		}
 		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PullTimeout)
 		defer cancel()
 		rec, cached, err := s.doPull(pctx, ref, acc)
+		s.damp.done(ref.String(), acc.key, err)
 		return pullResult{rec, cached, acc.key}, err
 	})
 	select {

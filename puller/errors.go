@@ -23,6 +23,10 @@ var (
 	ErrInvalidModule = errors.New("invalid Wasm module")
 	// ErrTooLarge: the module, manifest or layer exceeds a configured limit.
 	ErrTooLarge = errors.New("exceeds size limit")
+	// ErrBlockedAddress: the image's registry (or a redirect or token realm
+	// it sent the puller to) resolves to an address the driver does not
+	// dial: loopback, link-local, cloud metadata or registries.blockedCIDRs.
+	ErrBlockedAddress = errors.New("the image's registry resolves to a blocked address")
 )
 
 // Error is what the puller returns: the kind (one of the sentinels), the

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"strings"
 	"time"
@@ -17,7 +18,6 @@ import (
 	"oras.land/oras-go/v2/registry/remote"
 	"oras.land/oras-go/v2/registry/remote/auth"
 	"oras.land/oras-go/v2/registry/remote/errcode"
-	"oras.land/oras-go/v2/registry/remote/retry"
 )
 
 // Defaults for Config's limits.
@@ -45,7 +45,22 @@ type Config struct {
 	MaxManifestSize int64
 	// Platform is the node's own, for image indexes (default: this binary's).
 	Platform Platform
-	// Transport is the base HTTP transport (default: one with timeouts).
+	// BlockedCIDRs are networks never dialed for an image, beside the
+	// loopback, link-local and cloud-metadata addresses that always are
+	// (unless the host is named by InsecureRegistries or Mirrors).
+	BlockedCIDRs []netip.Prefix
+	// ResponseHeaderTimeout bounds the wait for a response's headers
+	// (default DefaultResponseHeaderTimeout).
+	ResponseHeaderTimeout time.Duration
+	// IdleTimeout cuts off a response body that sends nothing for this long
+	// (default DefaultIdleTimeout).
+	IdleTimeout time.Duration
+	// RetryBudget bounds the retries of one request: none starts later than
+	// this after the first attempt (default DefaultRetryBudget).
+	RetryBudget time.Duration
+	// Transport is the base HTTP transport (default: one with timeouts
+	// whose dialer refuses blocked addresses). A Transport given here is
+	// used as it is: it bypasses the address checks.
 	Transport http.RoundTripper
 	// UserAgent is sent to registries.
 	UserAgent string
@@ -69,29 +84,28 @@ func New(cfg Config) *Puller {
 	if cfg.Platform.OS == "" {
 		cfg.Platform = Platform{OS: runtime.GOOS, Architecture: runtime.GOARCH}
 	}
+	if cfg.ResponseHeaderTimeout <= 0 {
+		cfg.ResponseHeaderTimeout = DefaultResponseHeaderTimeout
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	if cfg.RetryBudget <= 0 {
+		cfg.RetryBudget = DefaultRetryBudget
+	}
 	if cfg.Transport == nil {
-		cfg.Transport = defaultTransport()
+		cfg.Transport = defaultTransport(cfg, newAddressPolicy(cfg))
 	}
 	if cfg.UserAgent == "" {
 		cfg.UserAgent = "wasm-csi"
 	}
+	// Token requests of the auth client go through this client too, so
+	// bearer realms meet the same address checks, timeouts and retries.
+	transport := &idleTransport{base: &retryTransport{base: cfg.Transport, budget: cfg.RetryBudget}, idle: cfg.IdleTimeout}
 	return &Puller{
 		cfg:       cfg,
-		client:    &http.Client{Transport: retry.NewTransport(cfg.Transport)},
+		client:    &http.Client{Transport: transport},
 		nodeCache: auth.NewCache(),
-	}
-}
-
-func defaultTransport() http.RoundTripper {
-	return &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          32,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: 60 * time.Second,
-		ExpectContinueTimeout: time.Second,
 	}
 }
 
@@ -235,6 +249,12 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 			return Module{}, err
 		}
 	}
+	// The config is never downloaded (the layers say where the module is),
+	// but one over the manifest cap belongs to no real image: refused.
+	if c := m.Config; c != nil && c.Size > p.cfg.MaxManifestSize {
+		return Module{}, newError(ErrTooLarge, ref.Original, nil,
+			"config %s is %d bytes, over the limit of %d; an image config is a few KiB", c.Digest, c.Size, p.cfg.MaxManifestSize)
+	}
 	src, err := selectModule(m)
 	if err != nil {
 		return Module{}, newError(ErrUnsupportedImage, ref.Original, err, "not a Wasm module in a known layout")
@@ -285,6 +305,12 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 	if src.Tar && layer.Size > maxOut {
 		return newError(ErrTooLarge, ref.Original, nil, "layer is %d bytes, over the limit of %d bytes", layer.Size, maxOut)
 	}
+	// The download's own context: cancelling it is what stops the
+	// read-ahead goroutine in the middle of a Read. rc is closed only once
+	// that goroutine is gone: oras' body wrapper is not safe to close
+	// during a Read.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	rc, err := repo.Blobs().Fetch(ctx, layer)
 	if err != nil {
 		return classify(ref, err, "fetching layer "+layer.Digest.String())
@@ -292,8 +318,9 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 	// Read the network ahead so the download overlaps hashing and writing.
 	ra := newReadAhead(rc, readAheadChunks, readAheadChunkSize)
 	defer func() {
-		rc.Close() // unblocks the read-ahead goroutine first
+		cancel() // unblocks the read-ahead goroutine first
 		ra.Close()
+		rc.Close()
 	}()
 	if ds, ok := sink.Sink.(DigestSink); ok && !src.Tar && layer.Digest.Algorithm() == digest.SHA256 {
 		// The sink hashes what it stores; for a raw layer that is the
@@ -389,7 +416,13 @@ func isNetworkError(err error) bool {
 // classify maps a registry client error to a sentinel with a useful message.
 func classify(ref Reference, err error, doing string) error {
 	var resp *errcode.ErrorResponse
+	var blocked *blockedError
+	var idle *idleError
 	switch {
+	case errors.As(err, &blocked):
+		return newError(ErrBlockedAddress, ref.Original, nil, "%s", blockedMessage(ref, blocked, doing))
+	case errors.As(err, &idle):
+		return newError(ErrUnavailable, ref.Original, nil, "%s: %s; the pull will be retried", doing, idle.Error())
 	case errors.Is(err, errdef.ErrNotFound):
 		return newError(ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
 	case errors.As(err, &resp):

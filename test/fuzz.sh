@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs each fuzz target of the puller for a short, fixed time (FUZZTIME,
+# default 15s each). A failure leaves its input under
+# puller/testdata/fuzz/<FuzzName>/: commit it with the fix, and plain
+# `go test ./puller/` replays it from then on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fuzztime="${FUZZTIME:-15s}"
+for target in FuzzParseReference FuzzSelectModule FuzzExtractFromTar; do
+	echo "== $target ($fuzztime)"
+	go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" ./puller/
+done
