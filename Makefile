@@ -12,7 +12,7 @@ export WASM_CSI_KUBE_BIN_DIR := $(BIN)
 
 IMAGE ?= ghcr.io/wasm-csi/wasm-csi-driver:$(VERSION)
 
-.PHONY: all build tools kube-tools test lint bench demo testdata image clean
+.PHONY: all build tools kube-tools test fuzz lint bench demo testdata image clean
 
 all: build
 
@@ -41,6 +41,13 @@ lint:
 # integration and sanity suites make real mounts: run as root.
 test: tools build lint
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+# Each fuzz target (reference parsing, manifest/format detection, tar
+# extraction) for a short fixed time; the seed corpus under
+# puller/testdata/fuzz runs in plain `go test` too.
+FUZZTIME ?= 15s
+fuzz:
+	FUZZTIME=$(FUZZTIME) bash test/fuzz.sh
 
 bench: tools build
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 50x -timeout 30m ./test/bench/
