@@ -1,0 +1,244 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/wasm-csi/wasm-csi/puller"
+)
+
+// access is who a publish pulls as: its pod's keyrings, and a key naming
+// them so that two publishes with the same credentials can be told apart
+// from two with different ones.
+type access struct {
+	keyrings []*puller.Keyring
+	key      string
+}
+
+// accessFor reads the pod's pull secrets. Secrets that cannot be read are
+// logged and skipped, as kubelet does: the pull goes on with the rest.
+func (s *Service) accessFor(ctx context.Context, req PublishRequest) access {
+	if s.cfg.Credentials == nil || req.Pod.Namespace == "" || req.Pod.Name == "" {
+		return access{}
+	}
+	ks, err := s.cfg.Credentials.Keyrings(ctx, req.Pod)
+	if err != nil {
+		s.log.Warn("pull secrets not read; trying node credentials", "image", req.Image.Original,
+			"pod", req.Pod.Namespace+"/"+req.Pod.Name, "err", err)
+	}
+	a := access{keyrings: ks}
+	var names []string
+	for _, k := range ks {
+		names = append(names, k.Name)
+	}
+	a.key = strings.Join(names, ",")
+	return a
+}
+
+// resolve finds the module for req under its pull policy, pulling if needed,
+// and records image events on the pod. cached is true when no download was
+// made.
+func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, bool, error) {
+	start := time.Now()
+	acc := s.accessFor(ctx, req)
+	rec, cached, err := s.lookup(ctx, req, acc)
+	ev := s.cfg.Events
+	switch {
+	case ev == nil:
+	case err != nil:
+		ev.Failed(req.Pod, req.Image.Original, err)
+	case cached:
+		ev.AlreadyPresent(req.Pod, req.Image.Original, rec)
+	default:
+		ev.Pulled(req.Pod, req.Image.Original, rec, time.Since(start))
+	}
+	return rec, cached, err
+}
+
+func (s *Service) lookup(ctx context.Context, req PublishRequest, acc access) (RefRecord, bool, error) {
+	key := req.Image.String()
+	switch req.PullPolicy {
+	case PullNever:
+		rec, ok := s.store.GetRef(key)
+		if !ok {
+			return RefRecord{}, false, newError(ErrNotPresent, req.Image.Original, nil,
+				"pullPolicy is Never and the module is not on this node; pre-pull it or use IfNotPresent")
+		}
+		return rec, true, s.checkAccess(ctx, req.Image, rec, acc)
+	case PullIfNotPresent:
+		if rec, ok := s.store.GetRef(key); ok {
+			return rec, true, s.checkAccess(ctx, req.Image, rec, acc)
+		}
+	}
+	if s.cfg.Events != nil {
+		s.cfg.Events.Pulling(req.Pod, req.Image.Original)
+	}
+	rec, cached, leader, err := s.pull(ctx, req.Image, acc)
+	if err != nil {
+		return RefRecord{}, false, err
+	}
+	if leader != acc.key {
+		// Another publish's pull, joined: its credentials proved nothing
+		// about this pod's.
+		if err := s.checkAccess(ctx, req.Image, rec, acc); err != nil {
+			return RefRecord{}, false, err
+		}
+	}
+	return rec, cached, nil
+}
+
+// checkAccess refuses a module that is on the node only because another
+// pod's pull secret fetched it, unless this pod's credentials (or the
+// node's, or none) get the same manifest from the registry: Kubernetes'
+// "ensure secret pulled images" rule. Public modules need no check.
+func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec RefRecord, acc access) error {
+	if !rec.Private {
+		return nil
+	}
+	st := s.cur.Load()
+	pinned := ref.ByDigest(rec.Manifest)
+	attempts, err := st.puller.Attempts(pinned, acc.keyrings...)
+	if err != nil {
+		return err
+	}
+	if _, _, err := st.puller.ResolveWith(ctx, pinned, attempts); err != nil {
+		if errors.Is(err, puller.ErrUnauthorized) {
+			return &puller.Error{Kind: puller.ErrUnauthorized, Image: ref.Original, Cause: err,
+				Msg: "the module is on this node, pulled with another pod's pull secret, and this pod's credentials do not give access to it; add an imagePullSecret the registry accepts"}
+		}
+		return err
+	}
+	return nil
+}
+
+type pullResult struct {
+	rec    RefRecord
+	cached bool
+	leader string
+}
+
+// pull runs one pull per reference at a time. The pull runs on a context of
+// its own, so it outlives a caller that gives up; the caller's retry joins
+// it. leader names the credentials the pull ran with.
+func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, string, error) {
+	ch := s.flight.DoChan(ref.String(), func() (any, error) {
+		// An image that keeps failing is not asked for again before its
+		// damping window ends (damping.go).
+		if err := s.damp.check(ref.String(), acc.key); err != nil {
+			return pullResult{}, err
+		}
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PullTimeout)
+		defer cancel()
+		rec, cached, err := s.doPull(pctx, ref, acc)
+		s.damp.done(ref.String(), acc.key, err)
+		return pullResult{rec, cached, acc.key}, err
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return RefRecord{}, false, "", r.Err
+		}
+		pr := r.Val.(pullResult)
+		return pr.rec, pr.cached, pr.leader, nil
+	case <-ctx.Done():
+		return RefRecord{}, false, "", newError(ErrPullPending, ref.Original, ctx.Err(),
+			"the pull is still in progress and goes on in the background; the retry will use it")
+	}
+}
+
+func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, error) {
+	st := s.cur.Load()
+	var lastErr error
+	for _, src := range st.puller.Sources(ref) {
+		rec, cached, err := s.pullFrom(ctx, st, ref, src, acc)
+		if err == nil {
+			return rec, cached, nil
+		}
+		lastErr = err
+		if src.Registry != ref.Registry {
+			s.log.Warn("mirror failed, trying the next source", "image", ref.Original, "mirror", src.Registry, "err", err)
+		}
+		if errors.Is(err, ErrNoSpace) || ctx.Err() != nil {
+			break
+		}
+	}
+	return RefRecord{}, false, lastErr
+}
+
+// pullFrom resolves and, unless its manifest is already stored, downloads
+// ref from src (the registry or one of its mirrors). Records are kept under
+// ref's own registry name, wherever the bytes came from.
+func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference, acc access) (RefRecord, bool, error) {
+	start := time.Now()
+	attempts, err := st.puller.Attempts(src, acc.keyrings...)
+	if err != nil {
+		return RefRecord{}, false, err
+	}
+	desc, used, err := st.puller.ResolveWith(ctx, src, attempts)
+	if err != nil {
+		return RefRecord{}, false, err
+	}
+	byDigest := ref.ByDigest(desc.Digest).String()
+	if rec, ok := s.store.GetRef(byDigest); ok {
+		// The manifest is known: the module is on the node already.
+		rec.Ref = ref.String()
+		if ref.Digest == "" {
+			if err := s.store.PutRef(rec); err != nil {
+				return RefRecord{}, false, withImage(err, ref.Original)
+			}
+		}
+		return rec, true, nil
+	}
+	s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", desc.Digest)
+	rec, err := s.download(ctx, st, ref, src, desc, used)
+	s.cfg.Metrics.pulled(err, rec.Size, time.Since(start))
+	if err != nil {
+		return RefRecord{}, false, err
+	}
+	s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", desc.Digest,
+		"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
+	return rec, false, nil
+}
+
+// download streams the module into the store, validates it and records
+// which module the reference resolved to.
+func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential) (RefRecord, error) {
+	w, err := s.store.NewBlobWriter()
+	if err != nil {
+		return RefRecord{}, withImage(err, ref.Original)
+	}
+	defer w.Abort()
+	mod, err := st.puller.Pull(ctx, src, desc, w, used)
+	if err != nil {
+		var ne *Error
+		if errors.As(err, &ne) { // the store failed, e.g. a full disk
+			return RefRecord{}, withImage(ne, ref.Original)
+		}
+		return RefRecord{}, err
+	}
+	d, err := w.Commit(func(path string) error {
+		s.validate <- struct{}{}
+		defer func() { <-s.validate }()
+		return ValidateModuleFile(path, st.validation)
+	})
+	if err != nil {
+		return RefRecord{}, withImage(err, ref.Original)
+	}
+	rec := RefRecord{Ref: ref.ByDigest(desc.Digest).String(), Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC(),
+		// Pulled with a pod's secret: other pods must prove their access.
+		Private: used.FromPodSecret()}
+	if err := s.store.PutRef(rec); err != nil {
+		return RefRecord{}, withImage(err, ref.Original)
+	}
+	if ref.Digest == "" {
+		rec.Ref = ref.String()
+		if err := s.store.PutRef(rec); err != nil {
+			return RefRecord{}, withImage(err, ref.Original)
+		}
+	}
+	return rec, nil
+}
