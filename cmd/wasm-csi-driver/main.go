@@ -22,7 +22,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
 	"github.com/wasm-csi/wasm-csi/csi"
@@ -159,7 +158,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Info("no Kubernetes API: running with node credentials only (no pull secrets, no pod events)")
 	default:
 		kcfg.UserAgent = "wasm-csi/" + version
-		client, err := kubernetes.NewForConfig(kcfg)
+		client, err := node.NewCoreClient(kcfg)
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
