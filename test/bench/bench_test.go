@@ -158,12 +158,19 @@ func BenchmarkColdPublish64MiB(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		root := filepath.Join(b.TempDir(), "store")
-		d := harness.StartDaemon(b, bin, harness.DaemonOptions{Root: root, Args: []string{"--insecure-registry=" + reg.Host(), "--log-level=warn"}})
+		d := harness.StartDaemon(b, bin, harness.DaemonOptions{Root: root, Args: []string{"--insecure-registry=" + reg.Host(), "--log-level=" + logLevel()}})
 		gets = append(gets, plainGet(b, url))
 		b.StartTimer()
 		req, took := publish(ctx, b, d, k, image)
 		b.StopTimer()
 		pubs = append(pubs, took)
+		if os.Getenv("BENCH_DEBUG") != "" {
+			for _, l := range strings.Split(d.Logs(), "\n") {
+				if strings.Contains(l, "module pulled") || strings.Contains(l, "volume published") {
+					b.Logf("%s", l)
+				}
+			}
+		}
 		unpublish(ctx, b, d, req)
 		d.Stop()
 		os.RemoveAll(root)
@@ -222,4 +229,11 @@ func BenchmarkDaemonMemory(b *testing.B) {
 	sort.Float64s(growth)
 	b.ReportMetric(idle[len(idle)/2], "idle-rss-MiB")
 	b.ReportMetric(growth[len(growth)-1], "max-pull-growth-MiB")
+}
+
+func logLevel() string {
+	if os.Getenv("BENCH_DEBUG") != "" {
+		return "info"
+	}
+	return "warn"
 }
