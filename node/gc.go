@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 )
 
 // Uses counts, per module, the published volumes that use it. It is a
@@ -142,6 +143,20 @@ func (s *Store) removeModule(d digest.Digest) error {
 				return storageError(err, "removing a tag record")
 			}
 		}
+	}
+	// The read-only overlays of the module's views: no volume uses them
+	// (the module is unused), so they are unmounted, then removed.
+	roDir := filepath.Join(s.roRoot(), d.Encoded())
+	if entries, err := os.ReadDir(roDir); err == nil {
+		for _, e := range entries {
+			p := filepath.Join(roDir, e.Name())
+			if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+				return storageError(err, "unmounting the module's read-only view")
+			}
+		}
+	}
+	if err := os.RemoveAll(roDir); err != nil {
+		return storageError(err, "removing the module's read-only views")
 	}
 	if err := os.RemoveAll(filepath.Join(s.viewRoot(), d.Encoded())); err != nil {
 		return storageError(err, "removing the module's views")

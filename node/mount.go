@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
@@ -43,6 +44,37 @@ func (m *Mounter) BindReadOnly(src, target string) error {
 		return &os.PathError{Op: "remount read-only", Path: target, Err: err}
 	}
 	return nil
+}
+
+// MountReadOnlyView mounts dir at at as an overlayfs with no upper layer
+// (dir over the empty directory empty): its superblock is read-only, so no
+// later remount, ours, kubelet's or the container runtime's (runc remounts
+// a pod's bind mount rw when the volume is not readOnly), can make the
+// module writable. A bind-mount's ro flag alone does not hold: it is a
+// per-mount flag, set in the driver's mount namespace, and is neither
+// propagated to the host's copy nor kept by a remount. It is idempotent:
+// an existing mount at at is kept. dir and empty must not contain ':' ','
+// or '\' (the store names them by hashes).
+func (m *Mounter) MountReadOnlyView(dir, empty, at string) error {
+	if mounted, err := m.IsMountPoint(at); err != nil {
+		return err
+	} else if mounted {
+		return nil
+	}
+	if err := os.MkdirAll(at, 0o755); err != nil {
+		return err
+	}
+	opts := "lowerdir=" + overlayEscape(dir) + ":" + overlayEscape(empty)
+	if err := unix.Mount("overlay", at, "overlay", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
+		return &os.PathError{Op: "mount read-only overlay of " + dir + " on", Path: at, Err: err}
+	}
+	return nil
+}
+
+// overlayEscape escapes a path for overlayfs' option string, which splits
+// options at ',' and layers at ':' and takes '\\' as an escape.
+func overlayEscape(p string) string {
+	return strings.NewReplacer(`\`, `\\`, ",", `\,`, ":", `\:`).Replace(p)
 }
 
 // IsMountPoint reports whether p is a mount point. A missing p is not.

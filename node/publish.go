@@ -65,9 +65,13 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	if !s.store.HasBlob(module) {
 		return newError(ErrNotPresent, image, nil, "module %s of this volume is no longer on the node; delete and recreate the pod", module)
 	}
-	view, err := s.store.ViewDir(module, req.FileName)
+	dir, err := s.store.ViewDir(module, req.FileName)
 	if err != nil {
 		return withImage(err, image)
+	}
+	view := s.store.ReadOnlyViewPath(module, req.FileName)
+	if err := s.mounter.MountReadOnlyView(dir, s.store.EmptyDir(), view); err != nil {
+		return newError(ErrInternal, image, err, "mounting the module's read-only view")
 	}
 	rec = VolumeRecord{
 		VolumeID: req.VolumeID, TargetPath: req.TargetPath, Image: image,

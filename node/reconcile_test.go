@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -79,6 +80,27 @@ func unmountAtEnd(t *testing.T, target string) {
 	})
 }
 
+// unmountTreeAtEnd detaches, when the test ends, every mount under dir
+// (the store's read-only views), deepest first, so TempDir can remove it.
+func unmountTreeAtEnd(t *testing.T, dir string) {
+	t.Cleanup(func() {
+		b, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			return
+		}
+		var under []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+				under = append(under, f[4])
+			}
+		}
+		sort.Sort(sort.Reverse(sort.StringSlice(under)))
+		for _, p := range under {
+			_ = unix.Unmount(p, unix.MNT_DETACH)
+		}
+	})
+}
+
 // mountFlags returns the statfs flags of the mount at p.
 func mountFlags(t *testing.T, p string) int64 {
 	t.Helper()
@@ -105,6 +127,7 @@ func isMounted(t *testing.T, p string) bool {
 func TestReconcileVolumes(t *testing.T) {
 	requireMounts(t)
 	root := t.TempDir()
+	unmountTreeAtEnd(t, root)
 	kubelet := t.TempDir()
 	s := openStore(t, root)
 	modA := putBlob(t, s, wasmBody("a"))

@@ -26,7 +26,8 @@ import (
 //
 //	blobs/sha256/<hex>        module bytes, read-only, named by their sha256
 //	refs/<sha256(ref)>.json   which module an image reference resolved to
-//	views/<hex>/<file>/<file> a hard link to the blob, the directory pods mount
+//	views/<hex>/<key>/<file>  a hard link to the blob (key: a hash of <file>)
+//	ro/<hex>/<key>            that directory as a read-only overlayfs, which pods mount
 //	volumes/<sha256(id)>.json one record per published volume
 //
 // Every file is written as a temp file (".tmp-" prefix) in its final
@@ -42,7 +43,7 @@ const tmpPrefix = ".tmp-"
 // interrupted writes.
 func OpenStore(root string) (*Store, error) {
 	s := &Store{root: root}
-	for _, d := range []string{s.blobDir(), s.refDir(), s.viewRoot(), s.volumeDir()} {
+	for _, d := range []string{s.blobDir(), s.refDir(), s.viewRoot(), s.volumeDir(), s.roRoot(), s.EmptyDir()} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("creating store directory %s: %w", d, err)
 		}
@@ -67,9 +68,27 @@ func (s *Store) Check(context.Context) error {
 // Root is the store's root directory.
 func (s *Store) Root() string { return s.root }
 
-func (s *Store) blobDir() string   { return filepath.Join(s.root, "blobs", "sha256") }
-func (s *Store) refDir() string    { return filepath.Join(s.root, "refs") }
-func (s *Store) viewRoot() string  { return filepath.Join(s.root, "views") }
+func (s *Store) blobDir() string  { return filepath.Join(s.root, "blobs", "sha256") }
+func (s *Store) refDir() string   { return filepath.Join(s.root, "refs") }
+func (s *Store) viewRoot() string { return filepath.Join(s.root, "views") }
+func (s *Store) roRoot() string   { return filepath.Join(s.root, "ro") }
+
+// EmptyDir is an empty directory, the second layer of the read-only
+// overlays (overlayfs wants two layers when it has no upper one).
+func (s *Store) EmptyDir() string { return filepath.Join(s.root, "ro", "empty") }
+
+// viewKey names the view of a module under fileName: a hash, so that the
+// paths handed to overlayfs hold no ':' ',' or '\' from a pod's fileName.
+func viewKey(fileName string) string {
+	sum := sha256.Sum256([]byte(fileName))
+	return hex.EncodeToString(sum[:8])
+}
+
+// ReadOnlyViewPath is where the read-only overlay of module d under
+// fileName is mounted; pods' targets are bind mounts of it.
+func (s *Store) ReadOnlyViewPath(d digest.Digest, fileName string) string {
+	return filepath.Join(s.roRoot(), d.Encoded(), viewKey(fileName))
+}
 func (s *Store) volumeDir() string { return filepath.Join(s.root, "volumes") }
 
 // removeTemps deletes temp files left by a crash in every store directory.
@@ -77,6 +96,10 @@ func (s *Store) removeTemps() error {
 	return filepath.WalkDir(s.root, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
 			return err
+		}
+		if p == s.roRoot() {
+			// Read-only overlays of views/: their files are views' files.
+			return filepath.SkipDir
 		}
 		if p != s.root && strings.HasPrefix(d.Name(), tmpPrefix) { // not the root itself, whatever its name
 			if d.IsDir() {
@@ -460,7 +483,7 @@ func (s *Store) PutRef(rec RefRecord) error {
 // ViewDir returns the directory pods mount for module d under fileName,
 // creating it (a hard link to the blob: one inode for every pod) if needed.
 func (s *Store) ViewDir(d digest.Digest, fileName string) (string, error) {
-	dir := filepath.Join(s.viewRoot(), d.Encoded(), fileName)
+	dir := filepath.Join(s.viewRoot(), d.Encoded(), viewKey(fileName))
 	link := filepath.Join(dir, fileName)
 	blob := s.BlobPath(d)
 	if sameFile(link, blob) {

@@ -668,7 +668,7 @@ func TestViewDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := filepath.Join(s.Root(), "views", d.Encoded(), "plugin.wasm"); dir != want {
+	if want := filepath.Join(s.Root(), "views", d.Encoded(), viewKey("plugin.wasm")); dir != want {
 		t.Errorf("ViewDir = %s, want %s", dir, want)
 	}
 	file := filepath.Join(dir, "plugin.wasm")
@@ -697,7 +697,7 @@ func TestViewDir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if dir3 == dir || dir3 != filepath.Join(s.Root(), "views", d.Encoded(), "header.wasm") {
+	if dir3 == dir || dir3 != filepath.Join(s.Root(), "views", d.Encoded(), viewKey("header.wasm")) {
 		t.Errorf("ViewDir for header.wasm = %s", dir3)
 	}
 	for _, f := range []string{filepath.Join(dir, "plugin.wasm"), filepath.Join(dir3, "header.wasm")} {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -122,8 +123,34 @@ func StartDaemon(t testing.TB, bin string, opts DaemonOptions) *Daemon {
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", d.Logs())
 		}
+		// The store holds the modules' read-only overlay mounts.
+		if err := UnmountUnder(filepath.Join(d.Root, "ro")); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
 	})
 	return d
+}
+
+// UnmountUnder detaches every mount at or below dir, deepest (latest) first.
+func UnmountUnder(dir string) error {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	var points []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			points = append(points, f[4])
+		}
+	}
+	var errs []error
+	for i := len(points) - 1; i >= 0; i-- {
+		if err := syscall.Unmount(points[i], syscall.MNT_DETACH); err != nil && err != syscall.EINVAL && err != syscall.ENOENT {
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", points[i], err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Start starts (or restarts) the process with the same flags.

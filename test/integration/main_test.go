@@ -25,7 +25,6 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"oras.land/oras-go/v2/content"
@@ -142,22 +141,8 @@ func newKubelet(t *testing.T) *harness.Kubelet {
 
 // unmountUnder detaches every mount at or below dir.
 func unmountUnder(t *testing.T, dir string) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	var points []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
-			points = append(points, f[4])
-		}
-	}
-	for i := len(points) - 1; i >= 0; i-- {
-		if err := unix.Unmount(points[i], unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
-			t.Errorf("cleanup: unmounting %s: %v", points[i], err)
-		}
+	if err := harness.UnmountUnder(dir); err != nil {
+		t.Errorf("cleanup: %v", err)
 	}
 }
 

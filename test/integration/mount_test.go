@@ -83,6 +83,22 @@ func TestMount(t *testing.T) {
 	if err := os.Chmod(filepath.Join(target, "plugin.wasm"), 0o777); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("chmod of the module: %v, want EROFS", err)
 	}
+	// What kubelet and the container runtime do next cannot make it
+	// writable: a bind of the target into a "container", remounted rw as
+	// runc does for a volume that is not readOnly, still refuses writes.
+	ctr := t.TempDir()
+	if err := syscall.Mount(target, ctr, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(ctr, syscall.MNT_DETACH) })
+	if err := syscall.Mount("", ctr, "", syscall.MS_BIND|syscall.MS_REMOUNT, ""); err != nil {
+		t.Fatalf("remounting the bind rw: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(ctr, "plugin.wasm"), []byte("x"), 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Errorf("writing through a bind remounted rw: %v, want EROFS", err)
+	}
+	syscall.Unmount(ctr, syscall.MNT_DETACH)
+
 	entries, err := os.ReadDir(target)
 	if err != nil {
 		t.Fatal(err)

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/wasm-csi/wasm-csi/test/harness"
 	"github.com/wasm-csi/wasm-csi/test/registrytest"
 )
 
@@ -45,7 +46,14 @@ func run(driver, module string) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
+	defer func() {
+		// The store's read-only views are overlay mounts: unmount them
+		// (the daemon is stopped by then), then remove everything.
+		if err := harness.UnmountUnder(work); err != nil {
+			fmt.Fprintln(os.Stderr, "demo cleanup:", err)
+		}
+		os.RemoveAll(work)
+	}()
 
 	step("starting a local OCI registry (distribution)")
 	reg, err := registrytest.Start(ctx, registrytest.Options{})
