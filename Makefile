@@ -12,7 +12,7 @@ export WASM_CSI_KUBE_BIN_DIR := $(BIN)
 
 IMAGE ?= ghcr.io/wasm-csi/wasm-csi-driver:$(VERSION)
 
-.PHONY: all build tools kube-tools test fuzz lint bench demo testdata image clean
+.PHONY: all build tools kube-tools test e2e fuzz lint bench demo testdata image clean
 
 all: build
 
@@ -45,6 +45,14 @@ test: tools build lint
 # Each fuzz target (reference parsing, manifest/format detection, tar
 # extraction) for a short fixed time; the seed corpus under
 # puller/testdata/fuzz runs in plain `go test` too.
+# End to end on a real one-node cluster on 127.0.0.1 (kubelet, containerd,
+# kube-apiserver, controller-manager, scheduler: test/e2e/cluster.sh), the
+# driver installed with `kubectl apply -k test/e2e/overlay`, gateway pods
+# loading their modules. As root. Always tears the cluster down and puts
+# back what it changed on the host; prints the node's logs on failure.
+e2e: tools build
+	test/e2e/run.sh
+
 FUZZTIME ?= 15s
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash test/fuzz.sh
