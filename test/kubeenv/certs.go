@@ -18,20 +18,22 @@ import (
 // ca is the self-made certificate authority of one Env. It signs the
 // apiserver's serving certificate and every client certificate; the apiserver
 // trusts it as --client-ca-file.
-type ca struct {
+type CA struct {
 	cert    *x509.Certificate
 	key     crypto.Signer
-	certPEM []byte
-	keyPEM  []byte
+	CertPEM []byte
+	KeyPEM  []byte
 }
 
 const certValidity = 24 * time.Hour
 
-func newKey() (*ecdsa.PrivateKey, error) {
+// NewKey makes an ECDSA P-256 key.
+func NewKey() (*ecdsa.PrivateKey, error) {
 	return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 }
 
-func keyPEM(key crypto.Signer) ([]byte, error) {
+// KeyPEM encodes key as a PKCS#8 PEM block.
+func KeyPEM(key crypto.Signer) ([]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, err
@@ -43,8 +45,9 @@ func serial() (*big.Int, error) {
 	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 }
 
-func newCA() (*ca, error) {
-	key, err := newKey()
+// NewCA makes a self-signed ECDSA P-256 CA valid for a day.
+func NewCA() (*CA, error) {
+	key, err := NewKey()
 	if err != nil {
 		return nil, err
 	}
@@ -70,23 +73,25 @@ func newCA() (*ca, error) {
 	if err != nil {
 		return nil, err
 	}
-	kp, err := keyPEM(key)
+	kp, err := KeyPEM(key)
 	if err != nil {
 		return nil, err
 	}
-	return &ca{
+	return &CA{
 		cert:    cert,
 		key:     key,
-		certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		keyPEM:  kp,
+		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		KeyPEM:  kp,
 	}, nil
 }
 
 // issue signs a new leaf certificate. A client certificate carries the user
 // name as CommonName and the groups as Organization, which is how
 // kube-apiserver's x509 authenticator reads them.
-func (c *ca) issue(cn string, orgs []string, dnsNames []string, ips []net.IP, usage x509.ExtKeyUsage) (certPEM, keyPEMBytes []byte, err error) {
-	key, err := newKey()
+// Issue signs a certificate for cn (organizations orgs, SANs dnsNames and
+// ips) for usage, and returns it and its key in PEM.
+func (c *CA) Issue(cn string, orgs []string, dnsNames []string, ips []net.IP, usage x509.ExtKeyUsage) (certPEM, keyPEMBytes []byte, err error) {
+	key, err := NewKey()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -109,7 +114,7 @@ func (c *ca) issue(cn string, orgs []string, dnsNames []string, ips []net.IP, us
 	if err != nil {
 		return nil, nil, fmt.Errorf("sign certificate for %q: %w", cn, err)
 	}
-	kp, err := keyPEM(key)
+	kp, err := KeyPEM(key)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -119,11 +124,11 @@ func (c *ca) issue(cn string, orgs []string, dnsNames []string, ips []net.IP, us
 // writeServiceAccountKeys writes the key pair the apiserver signs service
 // account tokens with (private) and verifies them with (public).
 func writeServiceAccountKeys(privPath, pubPath string) error {
-	key, err := newKey()
+	key, err := NewKey()
 	if err != nil {
 		return err
 	}
-	kp, err := keyPEM(key)
+	kp, err := KeyPEM(key)
 	if err != nil {
 		return err
 	}

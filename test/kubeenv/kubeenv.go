@@ -115,7 +115,7 @@ type Env struct {
 	// APIServerLog and EtcdLog are the processes' output.
 	APIServerLog, EtcdLog string
 
-	ca        *ca
+	ca        *CA
 	etcd      *proc
 	apiserver *proc
 	logf      func(string, ...any)
@@ -332,20 +332,20 @@ func repoRoot() (string, error) {
 // --- certificates -----------------------------------------------------------
 
 func (e *Env) writeCerts() error {
-	c, err := newCA()
+	c, err := NewCA()
 	if err != nil {
 		return err
 	}
 	e.ca = c
-	e.CAData = c.certPEM
+	e.CAData = c.CertPEM
 	serviceIP := net.IPv4(10, 0, 0, 1) // first address of ServiceClusterIPRange: the kubernetes Service
-	serving, servingKey, err := c.issue("kube-apiserver", nil,
+	serving, servingKey, err := c.Issue("kube-apiserver", nil,
 		[]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 		[]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, serviceIP}, x509.ExtKeyUsageServerAuth)
 	if err != nil {
 		return err
 	}
-	kubeletClient, kubeletClientKey, err := c.issue("kube-apiserver-kubelet-client", []string{"system:masters"}, nil, nil, x509.ExtKeyUsageClientAuth)
+	kubeletClient, kubeletClientKey, err := c.Issue("kube-apiserver-kubelet-client", []string{"system:masters"}, nil, nil, x509.ExtKeyUsageClientAuth)
 	if err != nil {
 		return err
 	}
@@ -354,8 +354,8 @@ func (e *Env) writeCerts() error {
 		data []byte
 		mode os.FileMode
 	}{
-		{"ca.crt", c.certPEM, 0o644},
-		{"ca.key", c.keyPEM, 0o600},
+		{"ca.crt", c.CertPEM, 0o644},
+		{"ca.key", c.KeyPEM, 0o600},
 		{"apiserver.crt", serving, 0o644},
 		{"apiserver.key", servingKey, 0o600},
 		{"apiserver-kubelet-client.crt", kubeletClient, 0o644},
@@ -526,7 +526,7 @@ func (e *Env) startAPIServer(ctx context.Context, bin string, extra []string) er
 }
 
 func (e *Env) makeAdminClients() error {
-	cert, key, err := e.ca.issue(AdminUser, []string{"system:masters"}, nil, nil, x509.ExtKeyUsageClientAuth)
+	cert, key, err := e.ca.Issue(AdminUser, []string{"system:masters"}, nil, nil, x509.ExtKeyUsageClientAuth)
 	if err != nil {
 		return err
 	}
@@ -658,7 +658,7 @@ func (e *Env) KubeconfigForServiceAccount(ctx context.Context, namespace, name s
 // RESTConfigForUser returns a client configuration with a client certificate
 // for user in groups (e.g. "system:node:n1" in "system:nodes").
 func (e *Env) RESTConfigForUser(user string, groups ...string) (*rest.Config, error) {
-	cert, key, err := e.ca.issue(user, groups, nil, nil, x509.ExtKeyUsageClientAuth)
+	cert, key, err := e.ca.Issue(user, groups, nil, nil, x509.ExtKeyUsageClientAuth)
 	if err != nil {
 		return nil, err
 	}
@@ -671,7 +671,7 @@ func (e *Env) RESTConfigForUser(user string, groups ...string) (*rest.Config, er
 // KubeconfigForUser writes a kubeconfig file (under Dir) with a client
 // certificate for user in groups, and returns its path.
 func (e *Env) KubeconfigForUser(user string, groups ...string) (string, error) {
-	cert, key, err := e.ca.issue(user, groups, nil, nil, x509.ExtKeyUsageClientAuth)
+	cert, key, err := e.ca.Issue(user, groups, nil, nil, x509.ExtKeyUsageClientAuth)
 	if err != nil {
 		return "", err
 	}

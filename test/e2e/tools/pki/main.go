@@ -11,31 +11,20 @@
 package main
 
 import (
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/pem"
 	"flag"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/wasm-csi/wasm-csi/test/kubeenv"
 )
 
 const validity = 72 * time.Hour
-
-type ca struct {
-	cert    *x509.Certificate
-	key     crypto.Signer
-	certPEM []byte
-	keyPEM  []byte
-}
 
 func main() {
 	dir := flag.String("dir", "", "output directory")
@@ -60,13 +49,13 @@ func run(dir, node, server string, serviceIP net.IP) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	c, err := newCA()
+	c, err := kubeenv.NewCA()
 	if err != nil {
 		return err
 	}
-	files := map[string][]byte{"ca.crt": c.certPEM, "ca.key": c.keyPEM}
+	files := map[string][]byte{"ca.crt": c.CertPEM, "ca.key": c.KeyPEM}
 	leaf := func(name, cn string, orgs, dns []string, ips []net.IP, usage x509.ExtKeyUsage) error {
-		crt, key, err := c.issue(cn, orgs, dns, ips, usage)
+		crt, key, err := c.Issue(cn, orgs, dns, ips, usage)
 		if err != nil {
 			return err
 		}
@@ -99,11 +88,11 @@ func run(dir, node, server string, serviceIP net.IP) error {
 			return err
 		}
 	}
-	saKey, err := newKey()
+	saKey, err := kubeenv.NewKey()
 	if err != nil {
 		return err
 	}
-	if files["sa.key"], err = keyPEM(saKey); err != nil {
+	if files["sa.key"], err = kubeenv.KeyPEM(saKey); err != nil {
 		return err
 	}
 	pubDER, err := x509.MarshalPKIXPublicKey(saKey.Public())
@@ -118,7 +107,7 @@ func run(dir, node, server string, serviceIP net.IP) error {
 		{"controller-manager.kubeconfig", "system:kube-controller-manager", "controller-manager"},
 		{"scheduler.kubeconfig", "system:kube-scheduler", "scheduler"},
 	} {
-		files[k.file] = kubeconfig(server, k.user, c.certPEM, files[k.cert+".crt"], files[k.cert+".key"])
+		files[k.file] = kubeconfig(server, k.user, c.CertPEM, files[k.cert+".crt"], files[k.cert+".key"])
 	}
 	for name, data := range files {
 		mode := os.FileMode(0o600)
@@ -154,85 +143,4 @@ contexts:
     namespace: default
 current-context: wasm-csi-e2e
 `, server, b64(caPEM), user, b64(certPEM), b64(keyPEM), user))
-}
-
-func newKey() (*ecdsa.PrivateKey, error) { return ecdsa.GenerateKey(elliptic.P256(), rand.Reader) }
-
-func keyPEM(key crypto.Signer) ([]byte, error) {
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
-}
-
-func serial() (*big.Int, error) {
-	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-}
-
-func newCA() (*ca, error) {
-	key, err := newKey()
-	if err != nil {
-		return nil, err
-	}
-	sn, err := serial()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber:          sn,
-		Subject:               pkix.Name{CommonName: "wasm-csi-e2e-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(validity),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		return nil, err
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	kp, err := keyPEM(key)
-	if err != nil {
-		return nil, err
-	}
-	return &ca{cert: cert, key: key, certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM: kp}, nil
-}
-
-// issue signs a leaf certificate. A client certificate carries the user as
-// CommonName and the groups as Organization, as kube-apiserver reads them.
-func (c *ca) issue(cn string, orgs, dnsNames []string, ips []net.IP, usage x509.ExtKeyUsage) (certPEM, keyPEMBytes []byte, err error) {
-	key, err := newKey()
-	if err != nil {
-		return nil, nil, err
-	}
-	sn, err := serial()
-	if err != nil {
-		return nil, nil, err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: sn,
-		Subject:      pkix.Name{CommonName: cn, Organization: orgs},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-		DNSNames:     dnsNames,
-		IPAddresses:  ips,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, key.Public(), c.key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("sign certificate for %q: %w", cn, err)
-	}
-	kp, err := keyPEM(key)
-	if err != nil {
-		return nil, nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), kp, nil
 }
