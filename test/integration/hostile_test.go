@@ -255,7 +255,7 @@ func TestHostileImages(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				bigConfigDigest, _ = hostileBlobs(t, ref, desc)
+				bigConfigDigest, _ = manifestBlobsAt(t, ref, desc)
 			},
 			after: func(t *testing.T) {
 				if n := hostile.BlobGets(bigConfigDigest); n != 0 {
@@ -279,7 +279,7 @@ func TestHostileImages(t *testing.T) {
 					t.Fatal(err)
 				}
 				var layers []digest.Digest
-				bigTarConfig, layers = hostileBlobs(t, ref, desc)
+				bigTarConfig, layers = manifestBlobsAt(t, ref, desc)
 				bigTarLayer = layers[len(layers)-1]
 			},
 			after: func(t *testing.T) {
@@ -335,7 +335,7 @@ func TestHostileManifests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, layers := hostileBlobs(t, hostile.Host()+"/hostile/big-manifest:small", desc)
+	_, layers := manifestBlobsAt(t, hostile.Host()+"/hostile/big-manifest:small", desc)
 	var m ocispec.Manifest
 	r, err := registrytest.Repository(hostile.Host() + "/hostile/big-manifest")
 	if err != nil {
@@ -574,29 +574,6 @@ func hostStat(t *testing.T, paths ...string) string {
 	}
 	sort.Strings(parts)
 	return strings.Join(parts, "; ")
-}
-
-// hostileBlobs returns the config and layer digests of the manifest desc
-// pushed to ref (read back from the registry itself, uncounted).
-func hostileBlobs(t *testing.T, ref string, desc ocispec.Descriptor) (digest.Digest, []digest.Digest) {
-	t.Helper()
-	r, err := registrytest.Repository(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := content.FetchAll(context.Background(), r, desc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		t.Fatal(err)
-	}
-	var layers []digest.Digest
-	for _, l := range m.Layers {
-		layers = append(layers, l.Digest)
-	}
-	return m.Config.Digest, layers
 }
 
 // vmHWM is the peak resident set size of process pid, in bytes.

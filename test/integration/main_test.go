@@ -325,7 +325,13 @@ func image(repoTag string) string { return reg.ProxyHost() + "/" + repoTag }
 // in repo, read directly from the registry (uncounted).
 func manifestBlobs(t *testing.T, repo string, desc ocispec.Descriptor) (config digest.Digest, layers []digest.Digest) {
 	t.Helper()
-	r, err := registrytest.Repository(reg.Host() + "/" + repo)
+	return manifestBlobsAt(t, reg.Host()+"/"+repo, desc)
+}
+
+// manifestBlobsAt is manifestBlobs for a repository reference on any registry.
+func manifestBlobsAt(t *testing.T, ref string, desc ocispec.Descriptor) (config digest.Digest, layers []digest.Digest) {
+	t.Helper()
+	r, err := registrytest.Repository(ref)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -105,18 +105,7 @@ func envoyConfigs(t *testing.T, all []doc) []envoyConfig {
 		for _, pt := range podSpecsIn(d.obj) {
 			spec := pt.typed(t, d.src)
 			for _, c := range spec.Containers {
-				var files []string
-				args := append(slices.Clone(c.Command), c.Args...)
-				for i, a := range args {
-					if (a == "-c" || a == "--config-path") && i+1 < len(args) {
-						files = append(files, args[i+1])
-					}
-				}
-				for _, e := range c.Env {
-					if e.Name == "ISTIO_BOOTSTRAP_OVERRIDE" {
-						files = append(files, e.Value)
-					}
-				}
+				files := envoyConfigFiles(c)
 				for _, f := range files {
 					if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return under(f, m.MountPath) }) {
 						continue // TestExampleConfigFiles reports it

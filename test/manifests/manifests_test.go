@@ -1764,18 +1764,7 @@ func TestExampleConfigFiles(t *testing.T) {
 		for _, pt := range podSpecsIn(d.obj) {
 			spec := pt.typed(t, d.src)
 			for _, c := range spec.Containers {
-				var files []string
-				args := append(slices.Clone(c.Command), c.Args...)
-				for i, a := range args {
-					if (a == "-c" || a == "--config-path") && i+1 < len(args) {
-						files = append(files, args[i+1])
-					}
-				}
-				for _, e := range c.Env {
-					if e.Name == "ISTIO_BOOTSTRAP_OVERRIDE" {
-						files = append(files, e.Value)
-					}
-				}
+				files := envoyConfigFiles(c)
 				for _, f := range files {
 					m, v := mountFor(t, spec, c, f)
 					if v.ConfigMap == nil {
@@ -1825,4 +1814,22 @@ func TestExampleEnvoyGateway(t *testing.T) {
 	if refs == 0 {
 		t.Error("no GatewayClass uses the example EnvoyProxy: it would apply to nothing")
 	}
+}
+
+// envoyConfigFiles lists the files a container runs Envoy with: `-c` or
+// `--config-path` arguments, and Istio's ISTIO_BOOTSTRAP_OVERRIDE.
+func envoyConfigFiles(c corev1.Container) []string {
+	var files []string
+	args := append(slices.Clone(c.Command), c.Args...)
+	for i, a := range args {
+		if (a == "-c" || a == "--config-path") && i+1 < len(args) {
+			files = append(files, args[i+1])
+		}
+	}
+	for _, e := range c.Env {
+		if e.Name == "ISTIO_BOOTSTRAP_OVERRIDE" {
+			files = append(files, e.Value)
+		}
+	}
+	return files
 }
