@@ -44,8 +44,17 @@ func (s *Service) accessFor(ctx context.Context, req PublishRequest) access {
 // made.
 func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, bool, error) {
 	start := time.Now()
-	acc := s.accessFor(ctx, req)
-	rec, cached, err := s.lookup(ctx, req, acc)
+	// The pod's pull secrets are read from the API only when a pull or an
+	// access check needs them: a cached public module needs neither.
+	var acc *access
+	accessOf := func() access {
+		if acc == nil {
+			a := s.accessFor(ctx, req)
+			acc = &a
+		}
+		return *acc
+	}
+	rec, cached, err := s.lookup(ctx, req, accessOf)
 	ev := s.cfg.Events
 	switch {
 	case ev == nil:
@@ -59,7 +68,7 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, b
 	return rec, cached, err
 }
 
-func (s *Service) lookup(ctx context.Context, req PublishRequest, acc access) (RefRecord, bool, error) {
+func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func() access) (RefRecord, bool, error) {
 	key := req.Image.String()
 	switch req.PullPolicy {
 	case PullNever:
@@ -68,12 +77,13 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, acc access) (R
 			return RefRecord{}, false, newError(ErrNotPresent, req.Image.Original, nil,
 				"pullPolicy is Never and the module is not on this node; pre-pull it or use IfNotPresent")
 		}
-		return rec, true, s.checkAccess(ctx, req.Image, rec, acc)
+		return rec, true, s.checkAccess(ctx, req.Image, rec, accessOf)
 	case PullIfNotPresent:
 		if rec, ok := s.store.GetRef(key); ok {
-			return rec, true, s.checkAccess(ctx, req.Image, rec, acc)
+			return rec, true, s.checkAccess(ctx, req.Image, rec, accessOf)
 		}
 	}
+	acc := accessOf()
 	if s.cfg.Events != nil {
 		s.cfg.Events.Pulling(req.Pod, req.Image.Original)
 	}
@@ -84,7 +94,7 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, acc access) (R
 	if leader != acc.key {
 		// Another publish's pull, joined: its credentials proved nothing
 		// about this pod's.
-		if err := s.checkAccess(ctx, req.Image, rec, acc); err != nil {
+		if err := s.checkAccess(ctx, req.Image, rec, accessOf); err != nil {
 			return RefRecord{}, false, err
 		}
 	}
@@ -95,10 +105,11 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, acc access) (R
 // pod's pull secret fetched it, unless this pod's credentials (or the
 // node's, or none) get the same manifest from the registry: Kubernetes'
 // "ensure secret pulled images" rule. Public modules need no check.
-func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec RefRecord, acc access) error {
+func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec RefRecord, accessOf func() access) error {
 	if !rec.Private {
 		return nil
 	}
+	acc := accessOf()
 	st := s.cur.Load()
 	pinned := ref.ByDigest(rec.Manifest)
 	attempts, err := st.puller.Attempts(pinned, acc.keyrings...)
