@@ -27,7 +27,7 @@ func codeOf(err error) codes.Code {
 		return codes.Unavailable
 	case errors.Is(err, puller.ErrUnsupportedImage), errors.Is(err, puller.ErrInvalidModule),
 		errors.Is(err, node.ErrInvalidModule), errors.Is(err, puller.ErrTooLarge), errors.Is(err, node.ErrDigestMismatch),
-		errors.Is(err, node.ErrNotPresent), errors.Is(err, node.ErrCorrupt):
+		errors.Is(err, node.ErrNotPresent):
 		return codes.FailedPrecondition
 	case errors.Is(err, node.ErrVolumeConflict):
 		return codes.AlreadyExists

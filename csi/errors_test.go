@@ -67,7 +67,6 @@ var sentinels = []codeCase{
 	{"node.ErrInvalidModule", node.ErrInvalidModule, codes.FailedPrecondition},
 	{"node.ErrDigestMismatch", node.ErrDigestMismatch, codes.FailedPrecondition},
 	{"node.ErrNotPresent", node.ErrNotPresent, codes.FailedPrecondition},
-	{"node.ErrCorrupt", node.ErrCorrupt, codes.FailedPrecondition},
 	{"node.ErrVolumeConflict", node.ErrVolumeConflict, codes.AlreadyExists},
 	{"node.ErrNoSpace", node.ErrNoSpace, codes.ResourceExhausted},
 	{"node.ErrInternal", node.ErrInternal, codes.Internal},

@@ -22,8 +22,6 @@ var (
 	ErrInternal = errors.New("node operation failed")
 	// ErrPullPending: the caller gave up while its pull goes on.
 	ErrPullPending = errors.New("pull still in progress")
-	// ErrCorrupt: a stored file does not match its digest.
-	ErrCorrupt = errors.New("stored module is corrupt")
 	// ErrInvalidModule: the module failed the configured validation.
 	ErrInvalidModule = errors.New("module failed validation")
 )

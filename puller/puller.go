@@ -122,9 +122,6 @@ func (p *Puller) Sources(ref Reference) []Reference {
 	return append(out, ref)
 }
 
-// MaxModuleSize is the configured cap on a module's size.
-func (p *Puller) MaxModuleSize() int64 { return p.cfg.MaxModuleSize }
-
 // plainHTTP reports whether host[:port] was named by --insecure-registry.
 func (p *Puller) plainHTTP(registry string) bool {
 	host := registry
