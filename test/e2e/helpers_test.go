@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wasm-csi/wasm-csi/test/harness"
+
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -58,20 +60,12 @@ func envOr(key, def string) string {
 }
 
 func repoRoot(t *testing.T) string {
-	dir, err := os.Getwd()
+	t.Helper()
+	dir, err := harness.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for {
-		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && bytes.Contains(b, []byte("module github.com/wasm-csi/wasm-csi\n")) {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("the wasm-csi repository is not above the working directory")
-		}
-		dir = parent
-	}
+	return dir
 }
 
 // run runs kubectl and returns its standard output; an error carries its

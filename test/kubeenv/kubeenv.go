@@ -35,6 +35,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wasm-csi/wasm-csi/test/harness"
+
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -258,7 +260,7 @@ func findBinaries(opts Options) (binDir, apiserver, etcd string, err error) {
 		binDir = os.Getenv(EnvBinDir)
 	}
 	if binDir == "" {
-		root, rerr := repoRoot()
+		root, rerr := harness.RepoRoot()
 		if rerr != nil {
 			return "", "", "", fmt.Errorf("%w: no BinDir, no $%s, and %v", ErrMissingBinaries, EnvBinDir, rerr)
 		}
@@ -306,29 +308,6 @@ func isExecutable(p string) bool {
 	return err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0
 }
 
-// repoRoot finds the main module's directory above the working directory.
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil {
-			for _, line := range strings.Split(string(b), "\n") {
-				f := strings.Fields(line)
-				if len(f) == 2 && f[0] == "module" && f[1] == "github.com/wasm-csi/wasm-csi" {
-					return dir, nil
-				}
-			}
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("the wasm-csi repository is not above the working directory")
-		}
-		dir = parent
-	}
-}
-
 // --- certificates -----------------------------------------------------------
 
 func (e *Env) writeCerts() error {
@@ -373,11 +352,11 @@ func (e *Env) writeCerts() error {
 func (e *Env) startEtcd(ctx context.Context, bin string) error {
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		clientPort, err := freePort()
+		clientPort, err := harness.FreePort()
 		if err != nil {
 			return err
 		}
-		peerPort, err := freePort()
+		peerPort, err := harness.FreePort()
 		if err != nil {
 			return err
 		}
@@ -497,7 +476,7 @@ func (e *Env) apiServerArgs(port int) []string {
 func (e *Env) startAPIServer(ctx context.Context, bin string, extra []string) error {
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		port, err := freePort()
+		port, err := harness.FreePort()
 		if err != nil {
 			return err
 		}
@@ -828,15 +807,6 @@ func waitFor(ctx context.Context, p *proc, check func(context.Context) error) er
 		case <-tick.C:
 		}
 	}
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func tailFile(path string, n int) string {

@@ -26,6 +26,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/wasm-csi/wasm-csi/test/harness"
+
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -60,36 +62,14 @@ func (d doc) String() string {
 	return fmt.Sprintf("%s (%s %s/%s)", d.src, d.kind(), d.namespace(), d.name())
 }
 
-var (
-	rootOnce sync.Once
-	rootDir  string
-)
-
-// repoRoot is the module root: the directory above this one with go.mod.
+// repoRoot is the module root.
 func repoRoot(t *testing.T) string {
 	t.Helper()
-	rootOnce.Do(func() {
-		dir, err := os.Getwd()
-		if err != nil {
-			return
-		}
-		for {
-			if data, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil &&
-				bytes.Contains(data, []byte("module github.com/wasm-csi/wasm-csi\n")) {
-				rootDir = dir
-				return
-			}
-			parent := filepath.Dir(dir)
-			if parent == dir {
-				return
-			}
-			dir = parent
-		}
-	})
-	if rootDir == "" {
-		t.Fatal("cannot find the wasm-csi module root (go.mod) above the working directory")
+	dir, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return rootDir
+	return dir
 }
 
 // splitYAML parses a multi-document YAML stream into documents, skipping

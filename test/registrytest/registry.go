@@ -37,6 +37,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/wasm-csi/wasm-csi/test/harness"
+
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/crypto/bcrypt"
 )
@@ -190,7 +192,7 @@ func (r *Registry) start(ctx context.Context, bin string, opts Options) error {
 
 	var lastErr error
 	for attempt := 0; attempt < startAttempts; attempt++ {
-		port, err := freePort()
+		port, err := harness.FreePort()
 		if err != nil {
 			return err
 		}
@@ -545,7 +547,7 @@ func registryBinary(override string) (string, error) {
 		bin, source = os.Getenv(EnvRegistryBinary), EnvRegistryBinary
 	}
 	if bin == "" {
-		root, err := repoRoot()
+		root, err := harness.RepoRoot()
 		if err != nil {
 			return "", err
 		}
@@ -558,32 +560,6 @@ func registryBinary(override string) (string, error) {
 			bin, source, RegistryVersion, EnvRegistryBinary)
 	}
 	return bin, nil
-}
-
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("registrytest: finding the repo root: %w", err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("registrytest: no go.mod above the working directory; set %s to the registry binary", EnvRegistryBinary)
-		}
-		dir = parent
-	}
-}
-
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("registrytest: finding a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 func registryConfig(dataDir, addr, secret, htpasswdPath string, incompleteIndexes bool) string {
