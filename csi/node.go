@@ -141,7 +141,7 @@ func ParsePublishRequest(r *csipb.NodePublishVolumeRequest) (node.PublishRequest
 		req.SHA256 = d
 	}
 	if name, ok := attrs[AttrFileName]; ok {
-		if err := checkFileName(name); err != nil {
+		if err := node.CheckFileName(name); err != nil {
 			return node.PublishRequest{}, invalid("image %s: fileName %q %s; use a plain name like header.wasm", imageAttr, name, err)
 		}
 		req.FileName = name
@@ -149,18 +149,3 @@ func ParsePublishRequest(r *csipb.NodePublishVolumeRequest) (node.PublishRequest
 	return req, nil
 }
 
-func checkFileName(name string) error {
-	switch {
-	case name == "":
-		return fmt.Errorf("is empty")
-	case name == "." || name == "..":
-		return fmt.Errorf("is a directory name")
-	case strings.ContainsAny(name, "/\x00"):
-		return fmt.Errorf("contains / or NUL")
-	case len(name) > 255:
-		return fmt.Errorf("is longer than 255 bytes")
-	case strings.HasPrefix(name, ".tmp-"):
-		return fmt.Errorf("uses the reserved prefix .tmp-")
-	}
-	return nil
-}

@@ -258,10 +258,10 @@ func TestParsePublishRequestFileName(t *testing.T) {
 }
 
 func TestCheckFileName(t *testing.T) {
-	if err := checkFileName("plugin.wasm"); err != nil {
+	if err := node.CheckFileName("plugin.wasm"); err != nil {
 		t.Errorf("plugin.wasm: %v", err)
 	}
-	if err := checkFileName(""); err == nil || err.Error() != "is empty" {
+	if err := node.CheckFileName(""); err == nil || err.Error() != "is empty" {
 		t.Errorf(`"": %v`, err)
 	}
 }

@@ -77,6 +77,25 @@ func (s *Store) roRoot() string   { return filepath.Join(s.root, "ro") }
 // overlays (overlayfs wants two layers when it has no upper one).
 func (s *Store) EmptyDir() string { return filepath.Join(s.root, "ro", "empty") }
 
+// CheckFileName says why name cannot be a module's file name in a volume
+// (a phrase to follow the name), or nil: it must be a plain file name, and
+// not use the store's temp-file prefix, which start-up cleanup removes.
+func CheckFileName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("is empty")
+	case name == "." || name == "..":
+		return errors.New("is a directory name")
+	case strings.ContainsAny(name, "/\x00"):
+		return errors.New("contains / or NUL")
+	case len(name) > 255:
+		return errors.New("is longer than 255 bytes")
+	case strings.HasPrefix(name, tmpPrefix):
+		return errors.New("uses the reserved prefix " + tmpPrefix)
+	}
+	return nil
+}
+
 // viewKey names the view of a module under fileName: a hash, so that the
 // paths handed to overlayfs hold no ':' ',' or '\' from a pod's fileName.
 func viewKey(fileName string) string {
