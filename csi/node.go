@@ -148,4 +148,3 @@ func ParsePublishRequest(r *csipb.NodePublishVolumeRequest) (node.PublishRequest
 	}
 	return req, nil
 }
-
