@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs each fuzz target of the puller for a short, fixed time (FUZZTIME,
+# Runs each fuzz target of the puller (and its image matcher) for a short, fixed time (FUZZTIME,
 # default 15s each). A failure leaves its input under
 # puller/testdata/fuzz/<FuzzName>/: commit it with the fix, and plain
 # `go test ./puller/` replays it from then on.
@@ -10,3 +10,5 @@ for target in FuzzParseReference FuzzSelectModule FuzzExtractFromTar; do
 	echo "== $target ($fuzztime)"
 	go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" ./puller/
 done
+echo "== FuzzMatch ($fuzztime)"
+go test -run '^$' -fuzz '^FuzzMatch$' -fuzztime "$fuzztime" ./puller/imagematch/
