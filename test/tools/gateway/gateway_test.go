@@ -344,3 +344,22 @@ func TestBinaryServesUntilSIGTERM(t *testing.T) {
 		t.Errorf("after SIGTERM, stdout %q", rest)
 	}
 }
+
+// With -module "" (the cluster benchmark's baseline) it reads nothing and
+// starts.
+func TestRunWithoutModule(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run("", "", true, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, &stdout, &stderr)
+	}
+	if got, want := stdout.String(), "wasm-gateway: started without a module\n"; got != want {
+		t.Errorf("stdout %q, want %q", got, want)
+	}
+	stdout.Reset()
+	if code := run("", "256.0.0.1:0", false, &stdout, &stderr); code != 1 {
+		t.Errorf("listening on a bad address: exit %d, want 1 (stdout %q)", code, &stdout)
+	}
+	if !strings.Contains(stderr.String(), "wasm-gateway: error: ") {
+		t.Errorf("stderr %q", &stderr)
+	}
+}

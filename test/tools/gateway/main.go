@@ -37,6 +37,11 @@
 // if the module started, 1 if not) without serving: for
 // `kubectl exec POD -- /gateway -check` in an image that has no shell or curl.
 //
+// With -module "" it loads nothing, prints
+// "wasm-gateway: started without a module listening on <addr>" and serves
+// (/module answers the empty report): the baseline pod of the cluster
+// benchmark (test/clusterbench), the same container with no module to get.
+//
 // The module never receives traffic: this proves the file a pod sees is a
 // module Envoy would start, not that a filter works.
 package main
@@ -471,7 +476,7 @@ func handler(rep report) http.Handler {
 }
 
 func main() {
-	module := flag.String("module", DefaultModule, "the proxy-wasm module file to load at start")
+	module := flag.String("module", DefaultModule, "the proxy-wasm module file to load at start (empty: none)")
 	listen := flag.String("listen", ":8080", "address to serve /healthz and /module on")
 	check := flag.Bool("check", false, "load the module, print the report as JSON and exit (0 if it started) instead of serving")
 	flag.Parse()
@@ -484,6 +489,9 @@ func main() {
 
 // run is main, returning the exit code.
 func run(module, listen string, check bool, stdout, stderr io.Writer) int {
+	if module == "" {
+		return serveWithoutModule(listen, check, stdout, stderr)
+	}
 	var mu sync.Mutex
 	rep, err := loadWith(module, hooks{
 		read: func(r report) { fmt.Fprintln(stdout, loadedLine(r)) },
@@ -512,6 +520,26 @@ func run(module, listen string, check bool, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintf(stdout, "wasm-gateway: started abi=%s vm_start=%d listening on %s\n", rep.ABIVersion, rep.VMStartResult, ln.Addr())
+	return serve(ln, rep, stdout, stderr)
+}
+
+// serveWithoutModule is run with no module: the baseline.
+func serveWithoutModule(listen string, check bool, stdout, stderr io.Writer) int {
+	if check {
+		fmt.Fprintln(stdout, "wasm-gateway: started without a module")
+		return 0
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		fmt.Fprintf(stderr, "wasm-gateway: error: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "wasm-gateway: started without a module listening on %s\n", ln.Addr())
+	return serve(ln, report{Log: []string{}}, stdout, stderr)
+}
+
+// serve answers /healthz and /module on ln until SIGTERM or SIGINT.
+func serve(ln net.Listener, rep report, stdout, stderr io.Writer) int {
 	srv := &http.Server{Handler: handler(rep), ReadHeaderTimeout: 10 * time.Second}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
