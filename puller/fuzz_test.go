@@ -77,6 +77,9 @@ func FuzzParseReference(f *testing.F) {
 		if ref.Original != s {
 			t.Errorf("ParseReference(%q).Original = %q", s, ref.Original)
 		}
+		if len(ref.Name()) > MaxNameLength {
+			t.Fatalf("ParseReference(%q): name of %d characters accepted", s, len(ref.Name()))
+		}
 		if ref.Registry == "" || ref.Repository == "" || (ref.Tag == "") == (ref.Digest == "") {
 			t.Fatalf("ParseReference(%q) = %+v: want a registry, a repository, and a tag or a digest", s, ref)
 		}

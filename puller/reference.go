@@ -2,6 +2,7 @@ package puller
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
@@ -23,11 +24,31 @@ type Reference struct {
 	Original string
 }
 
+// Limits of the distribution reference grammar, checked before anything
+// else so an oversized reference never reaches a registry.
+const (
+	// MaxNameLength is the longest registry/repository name the grammar
+	// allows (distribution's NameTotalLengthMax), counted after
+	// normalisation ("nginx" is docker.io/library/nginx).
+	MaxNameLength = 255
+	// MaxReferenceLength bounds the whole reference as written: a name of
+	// MaxNameLength, a 128-character tag and a sha512 digest, with room
+	// for an "oci://" prefix and spaces.
+	MaxReferenceLength = 640
+)
+
 // ParseReference parses an image reference as users write it in a pod spec:
 // "ghcr.io/acme/filter:1.0", "...@sha256:...", an optional "oci://" prefix,
-// and Docker Hub short names ("envoyproxy/wasm", "busybox").
+// and Docker Hub short names ("envoyproxy/wasm", "busybox"). A reference
+// longer than the grammar allows is ErrInvalidReference, and its error
+// names only the start of it.
 func ParseReference(s string) (Reference, error) {
 	orig := s
+	if len(s) > MaxReferenceLength {
+		return Reference{}, newError(ErrInvalidReference, abbreviate(orig), nil,
+			"the reference is %d bytes; an image reference is at most %d (a name of up to %d characters, a tag of up to 128, a digest)",
+			len(orig), MaxReferenceLength, MaxNameLength)
+	}
 	s = strings.TrimSpace(s)
 	s = strings.TrimPrefix(s, "oci://")
 	if s == "" {
@@ -53,6 +74,10 @@ func ParseReference(s string) (Reference, error) {
 		return Reference{}, newError(ErrInvalidReference, orig, err, "cannot parse the image reference; use the form registry.example.com/repo/module:tag or @sha256:<digest>")
 	}
 	ref := Reference{Registry: r.Registry, Repository: r.Repository, Original: orig}
+	if n := len(ref.Name()); n > MaxNameLength {
+		return Reference{}, newError(ErrInvalidReference, abbreviate(orig), nil,
+			"the name %s is %d characters; the distribution grammar allows at most %d", abbreviate(ref.Name()), n, MaxNameLength)
+	}
 	if d, err := r.Digest(); err == nil {
 		ref.Digest = d
 	} else if r.Reference != "" {
@@ -61,6 +86,16 @@ func ParseReference(s string) (Reference, error) {
 		ref.Tag = "latest"
 	}
 	return ref, nil
+}
+
+// abbreviate shortens an oversized reference for messages, logs and
+// events: its first 64 bytes and its length.
+func abbreviate(s string) string {
+	const keep = 64
+	if len(s) <= keep {
+		return s
+	}
+	return fmt.Sprintf("%q... (%d bytes)", strings.ToValidUTF8(s[:keep], ""), len(s))
 }
 
 // normaliseDockerHub expands Docker Hub short names the way Docker does:

@@ -203,6 +203,43 @@ func TestParseReferenceInvalid(t *testing.T) {
 	}
 }
 
+// TestParseReferenceLimits checks the distribution grammar's length limits:
+// a name of 255 characters (after normalisation) parses, 256 does not, and
+// an oversized reference is refused without its whole text in the message.
+func TestParseReferenceLimits(t *testing.T) {
+	name := func(n int) string { // registry.local/aaa...: n characters
+		return "registry.local/" + strings.Repeat("a", n-len("registry.local/"))
+	}
+	if r, err := ParseReference(name(255) + ":" + strings.Repeat("t", 128)); err != nil || len(r.Name()) != 255 {
+		t.Errorf("a 255-character name: %+v, %v", r, err)
+	}
+	if r, err := ParseReference(name(255) + "@sha256:" + hexA); err != nil || len(r.Name()) != 255 {
+		t.Errorf("a 255-character name with a digest: %+v, %v", r, err)
+	}
+	// "docker.io/library/" counts: 238 characters written are 256 after.
+	hub := strings.Repeat("b", 256-len("docker.io/library/"))
+	for _, in := range []string{
+		name(256) + ":1",
+		hub,
+		"ghcr.io/" + strings.Repeat("a/", 200) + "a",
+		strings.Repeat("a", 100<<10),
+		"ghcr.io/acme/x:" + strings.Repeat("t", 100<<10),
+		"ghcr.io/acme/x@sha256:" + strings.Repeat("a", 100<<10),
+	} {
+		r, err := ParseReference(in)
+		if err == nil {
+			t.Errorf("ParseReference(%d bytes) = %+v, want an error", len(in), r)
+			continue
+		}
+		if !errors.Is(err, ErrInvalidReference) {
+			t.Errorf("%d bytes: error %v is not ErrInvalidReference", len(in), err)
+		}
+		if msg := err.Error(); len(msg) > 400 || !strings.Contains(msg, "at most") {
+			t.Errorf("%d bytes: message of %d bytes, want a short one saying the limit: %.500s", len(in), len(msg), msg)
+		}
+	}
+}
+
 func TestReferenceByDigest(t *testing.T) {
 	r, err := ParseReference("oci://ghcr.io/acme/x:1.0")
 	if err != nil {

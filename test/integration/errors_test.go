@@ -51,6 +51,33 @@ func TestInvalidRequests(t *testing.T) {
 	}
 }
 
+// TestOversizedReference: a reference beyond the distribution grammar's
+// limits (a name over 255 characters; a 100 KB image attribute) is
+// InvalidArgument at once, with a short message, and the registry sees no
+// request at all.
+func TestOversizedReference(t *testing.T) {
+	t.Parallel()
+	r := registrytest.StartT(t, registrytest.Options{})
+	e := newEnv(t, "--insecure-registry="+r.ProxyHost())
+	host := r.ProxyHost() + "/"
+	for _, img := range []string{
+		host + strings.Repeat("a", 256-len(host)) + ":1.0",
+		host + strings.Repeat("a/", 50<<10) + "a:1.0",
+		host + "m:" + strings.Repeat("t", 100<<10),
+	} {
+		req := e.request(harness.NewPod("oversized"), "filter", map[string]string{"image": img})
+		err := e.publish(req)
+		wantCode(t, err, codes.InvalidArgument, "at most")
+		if n := len(status.Convert(err).Message()); n > 1024 {
+			t.Errorf("a %d-byte image gave a %d-byte message", len(img), n)
+		}
+		checkGone(t, req.TargetPath)
+	}
+	if n := r.Counts().Requests; n != 0 {
+		t.Errorf("the registry saw %d requests for oversized references, want 0", n)
+	}
+}
+
 // TestNotFound checks a missing repository, tag or digest is NotFound.
 func TestNotFound(t *testing.T) {
 	t.Parallel()
