@@ -112,7 +112,7 @@ func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec Ref
 	acc := accessOf()
 	st := s.cur.Load()
 	pinned := ref.ByDigest(rec.Manifest)
-	attempts, err := st.puller.Attempts(pinned, acc.keyrings...)
+	attempts, err := st.puller.Attempts(ctx, pinned, acc.keyrings...)
 	if err != nil {
 		return err
 	}
@@ -185,7 +185,7 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) 
 // ref's own registry name, wherever the bytes came from.
 func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference, acc access) (RefRecord, bool, error) {
 	start := time.Now()
-	attempts, err := st.puller.Attempts(src, acc.keyrings...)
+	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
 	if err != nil {
 		return RefRecord{}, false, err
 	}

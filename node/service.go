@@ -51,7 +51,7 @@ type PublishRequest struct {
 
 // Puller is what the service needs of a registry client.
 type Puller interface {
-	Attempts(ref puller.Reference, keyrings ...*puller.Keyring) ([]puller.Credential, error)
+	Attempts(ctx context.Context, ref puller.Reference, keyrings ...*puller.Keyring) ([]puller.Credential, error)
 	ResolveWith(ctx context.Context, ref puller.Reference, attempts []puller.Credential) (ocispec.Descriptor, puller.Credential, error)
 	Pull(ctx context.Context, ref puller.Reference, desc ocispec.Descriptor, sink puller.Sink, cred puller.Credential) (puller.Module, error)
 	Sources(ref puller.Reference) []puller.Reference

@@ -1,6 +1,7 @@
 package puller
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -21,7 +22,10 @@ import (
 // is given) and by path prefix, most specific first. Its Name says where it
 // came from, for messages; contents are never logged.
 type Keyring struct {
-	Name    string
+	Name string
+	// Node marks the node's own credentials (--docker-config, a credential
+	// provider plugin): what they pull is the node's, not private to a pod.
+	Node    bool
 	entries []keyringEntry
 }
 
@@ -35,14 +39,31 @@ type keyringEntry struct {
 type Credential struct {
 	Source string
 	Cred   auth.Credential
+	// Node marks the node's own credentials (--docker-config, a credential
+	// provider plugin), as opposed to a pod's pull secret.
+	Node bool
+	// Err, when set, is a source that gave no credential because it failed
+	// (a credential provider plugin that crashed, hung or printed garbage).
+	// It is not presented to the registry; ResolveWith reports it if the
+	// registry refuses every other credential.
+	Err error
 }
 
 // Anonymous reports whether c carries no credential.
 func (c Credential) Anonymous() bool { return c.Cred == auth.EmptyCredential }
 
 // FromPodSecret reports whether c came from a pod's pull secret, rather
-// than the node's --docker-config or no credential at all.
-func (c Credential) FromPodSecret() bool { return !c.Anonymous() && c.Source != nodeSource }
+// than the node's credentials or no credential at all.
+func (c Credential) FromPodSecret() bool { return !c.Anonymous() && !c.Node }
+
+// CredentialProvider gives the node's credentials for an image from outside
+// the driver: kubelet's credential provider plugins (package credprovider).
+type CredentialProvider interface {
+	// Provide returns the credentials for ref, in the order to try them.
+	// A source that failed is returned as a Credential whose Err is set,
+	// beside the credentials of the sources that did not.
+	Provide(ctx context.Context, ref Reference) []Credential
+}
 
 type dockerAuth struct {
 	Auth          string `json:"auth"`
@@ -87,6 +108,28 @@ func LoadDockerConfigFile(name, file string) (*Keyring, error) {
 	return ParseDockerConfigJSON(name, data)
 }
 
+// NewKeyring returns a keyring of plain credentials keyed as in a docker
+// config.json's "auths" (a credential provider plugin's answer, for one).
+func NewKeyring(name string, node bool, creds map[string]auth.Credential) *Keyring {
+	k := &Keyring{Name: name, Node: node}
+	for key, cred := range creds {
+		k.add(key, cred)
+	}
+	k.sort()
+	return k
+}
+
+func (k *Keyring) add(key string, cred auth.Credential) {
+	if cred == auth.EmptyCredential {
+		return
+	}
+	host, port, p := parseAuthKey(key)
+	if host == "" {
+		return
+	}
+	k.entries = append(k.entries, keyringEntry{host: host, port: port, path: p, cred: cred})
+}
+
 func newKeyring(name string, auths map[string]dockerAuth) (*Keyring, error) {
 	k := &Keyring{Name: name}
 	for key, a := range auths {
@@ -102,16 +145,15 @@ func newKeyring(name string, auths map[string]dockerAuth) (*Keyring, error) {
 			}
 			cred.Username, cred.Password = user, pass
 		}
-		if cred == auth.EmptyCredential {
-			continue
-		}
-		host, port, p := parseAuthKey(key)
-		if host == "" {
-			continue
-		}
-		k.entries = append(k.entries, keyringEntry{host: host, port: port, path: p, cred: cred})
+		k.add(key, cred)
 	}
-	// Most specific first: longer paths, then hosts without globs.
+	k.sort()
+	return k, nil
+}
+
+// sort puts the most specific entries first: longer paths, then hosts
+// without globs.
+func (k *Keyring) sort() {
 	sort.SliceStable(k.entries, func(i, j int) bool {
 		a, b := k.entries[i], k.entries[j]
 		if len(a.path) != len(b.path) {
@@ -119,7 +161,6 @@ func newKeyring(name string, auths map[string]dockerAuth) (*Keyring, error) {
 		}
 		return strings.Count(a.host, "*") < strings.Count(b.host, "*")
 	})
-	return k, nil
 }
 
 // parseAuthKey splits a config key ("https://index.docker.io/v1/",
@@ -163,7 +204,7 @@ func (k *Keyring) Lookup(ref Reference) []Credential {
 		if e.path != "" && ref.Repository != e.path && !strings.HasPrefix(ref.Repository, e.path+"/") {
 			continue
 		}
-		out = append(out, Credential{Source: k.Name, Cred: e.cred})
+		out = append(out, Credential{Source: k.Name, Cred: e.cred, Node: k.Node})
 	}
 	return out
 }
@@ -183,22 +224,31 @@ func globHostMatch(pattern, host string) bool {
 	return true
 }
 
-// Attempts lists the credentials to try for ref: every match of each
-// keyring in order, then the node's --docker-config. With no match at all,
-// the registry is tried anonymously.
-func (p *Puller) Attempts(ref Reference, keyrings ...*Keyring) ([]Credential, error) {
+// Attempts lists the credentials to try for ref, in kubelet's order: every
+// match of each keyring (a pod's pull secrets) in order, then the node's
+// credential provider plugins, then the node's --docker-config. With no
+// credential at all, the registry is tried anonymously.
+func (p *Puller) Attempts(ctx context.Context, ref Reference, keyrings ...*Keyring) ([]Credential, error) {
 	var out []Credential
 	for _, k := range keyrings {
 		out = append(out, k.Lookup(ref)...)
+	}
+	if p.cfg.CredentialProvider != nil {
+		out = append(out, p.cfg.CredentialProvider.Provide(ctx, ref)...)
 	}
 	if p.cfg.DockerConfig != "" {
 		node, err := LoadDockerConfigFile(nodeSource, p.cfg.DockerConfig)
 		if err != nil {
 			return nil, newError(ErrUnauthorized, ref.Original, err, "cannot read the node's --docker-config")
 		}
+		node.Node = true
 		out = append(out, node.Lookup(ref)...)
 	}
-	if len(out) == 0 {
+	usable := false
+	for _, c := range out {
+		usable = usable || c.Err == nil
+	}
+	if !usable {
 		out = append(out, Credential{Source: "anonymous"})
 	}
 	return out, nil

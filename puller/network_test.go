@@ -60,7 +60,7 @@ func newFixture(t *testing.T, opts registrytest.Options, size int, push ...regis
 
 // pull resolves and pulls ref anonymously.
 func pull(ctx context.Context, p *puller.Puller, ref puller.Reference) ([]byte, error) {
-	attempts, err := p.Attempts(ref)
+	attempts, err := p.Attempts(context.Background(), ref)
 	if err != nil {
 		return nil, err
 	}
@@ -433,7 +433,7 @@ func TestUnauthorizedNamesSourcesNotSecrets(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := puller.New(puller.Config{InsecureRegistries: []string{f.ref.Registry}, DockerConfig: nodeFile})
-	attempts, err := p.Attempts(f.ref, secret)
+	attempts, err := p.Attempts(context.Background(), f.ref, secret)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -451,7 +451,7 @@ func TestUnauthorizedNamesSourcesNotSecrets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	attempts, err = p.Attempts(f.ref, secret, good)
+	attempts, err = p.Attempts(context.Background(), f.ref, secret, good)
 	if err != nil {
 		t.Fatal(err)
 	}

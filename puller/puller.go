@@ -3,6 +3,7 @@ package puller
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -39,6 +40,10 @@ type Config struct {
 	Mirrors map[string][]string
 	// DockerConfig is the path of a Docker config.json with node credentials.
 	DockerConfig string
+	// CredentialProvider gives node credentials from kubelet's credential
+	// provider plugins, tried after a pod's secrets and before DockerConfig
+	// (nil: none).
+	CredentialProvider CredentialProvider
 	// MaxModuleSize caps a module's bytes (default 256 MiB).
 	MaxModuleSize int64
 	// MaxManifestSize caps a manifest or index (default 4 MiB).
@@ -182,11 +187,19 @@ func (p *Puller) Resolve(ctx context.Context, ref Reference, cred Credential) (o
 
 // ResolveWith tries each credential in order until the registry accepts
 // one, and returns the manifest and the credential that worked. When every
-// one is refused the error names each source tried (never its contents).
+// one is refused the error names each source tried (never its contents);
+// when a source failed to give a credential (a credential provider plugin)
+// and every other one was refused, the failure is the error: Unavailable,
+// naming the plugin, since fixing or retrying it is what helps.
 func (p *Puller) ResolveWith(ctx context.Context, ref Reference, attempts []Credential) (ocispec.Descriptor, Credential, error) {
 	var tried []string
+	var failed []error
 	var last error
 	for _, c := range attempts {
+		if c.Err != nil {
+			failed = append(failed, c.Err)
+			continue
+		}
 		desc, err := p.Resolve(ctx, ref, c)
 		if err == nil {
 			return desc, c, nil
@@ -197,11 +210,27 @@ func (p *Puller) ResolveWith(ctx context.Context, ref Reference, attempts []Cred
 		tried = append(tried, c.Source)
 		last = err
 	}
+	if len(failed) > 0 {
+		var why []string
+		for _, err := range failed {
+			var pe *Error
+			if errors.As(err, &pe) {
+				why = append(why, pe.Msg)
+			} else {
+				why = append(why, err.Error())
+			}
+		}
+		if len(tried) > 0 {
+			why = append(why, fmt.Sprintf("%s refused every other credential tried (%s)", ref.Registry, strings.Join(tried, ", ")))
+		}
+		return ocispec.Descriptor{}, Credential{}, newError(ErrUnavailable, ref.Original, nil,
+			"%s; fix the plugin (the driver's log has its stderr) or give the pod an imagePullSecret", strings.Join(why, "; "))
+	}
 	if last == nil {
 		return ocispec.Descriptor{}, Credential{}, newError(ErrUnauthorized, ref.Original, nil, "no credentials to try")
 	}
 	return ocispec.Descriptor{}, Credential{}, newError(ErrUnauthorized, ref.Original, nil,
-		"%s refused every credential tried (%s); give the pod an imagePullSecret, or the node a --docker-config, that the registry accepts",
+		"%s refused every credential tried (%s); give the pod an imagePullSecret, or the node a credential provider or --docker-config, that the registry accepts",
 		ref.Registry, strings.Join(tried, ", "))
 }
 

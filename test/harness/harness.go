@@ -78,6 +78,22 @@ func BuildDriver(dir string, race bool) (string, error) {
 	return out, nil
 }
 
+// BuildCredentialPlugin builds test/tools/credplugin, a kubelet credential
+// provider plugin for the tests, into dir and returns the binary's path.
+func BuildCredentialPlugin(dir string) (string, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "credplugin")
+	cmd := exec.Command("go", "build", "-o", out, "./test/tools/credplugin")
+	cmd.Dir = root
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build: %v\n%s", err, b)
+	}
+	return out, nil
+}
+
 // RequireRoot fails under CI and skips elsewhere when not root: the suites
 // make real mounts.
 func RequireRoot(t testing.TB) {
