@@ -27,6 +27,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/csi"
 	"github.com/wasm-csi/wasm-csi/node"
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/credprovider"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -42,9 +43,13 @@ type Config struct {
 	Kubeconfig         string
 	InsecureRegistries []string
 	DockerConfig       string
-	MetricsAddress     string
-	LogLevel           string
-	LogFormat          string
+	// CredentialProviderConfig and CredentialProviderBinDir are kubelet's
+	// --image-credential-provider-config and -bin-dir.
+	CredentialProviderConfig string
+	CredentialProviderBinDir string
+	MetricsAddress           string
+	LogLevel                 string
+	LogFormat                string
 	// RegistrationDir is where the kubelet plugin-registration socket is
 	// served (kubelet's plugins_registry as the container sees it); empty
 	// leaves registration to a node-driver-registrar sidecar.
@@ -74,6 +79,8 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig for running outside the cluster")
 	fs.Var((*stringList)(&c.InsecureRegistries), "insecure-registry", "HOST[:PORT] reached over plain HTTP (repeatable)")
 	fs.StringVar(&c.DockerConfig, "docker-config", "", "Docker config.json with node-level registry credentials")
+	fs.StringVar(&c.CredentialProviderConfig, "image-credential-provider-config", "", "kubelet's CredentialProviderConfig file (or directory): node credentials from credential provider plugins")
+	fs.StringVar(&c.CredentialProviderBinDir, "image-credential-provider-bin-dir", "", "directory of the credential provider plugins' executables")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", ":9809", "address of the metrics and health endpoint")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "json", "json or text")
@@ -94,6 +101,9 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	}
 	if c.RegistrationDir != "" && c.KubeletCSIEndpoint == "" {
 		return Config{}, errors.New("--kubelet-registration-path needs --kubelet-csi-endpoint")
+	}
+	if (c.CredentialProviderConfig == "") != (c.CredentialProviderBinDir == "") {
+		return Config{}, errors.New("--image-credential-provider-config and --image-credential-provider-bin-dir go together")
 	}
 	for _, r := range c.InsecureRegistries {
 		if r == "" || strings.Contains(r, "/") {
@@ -168,6 +178,15 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		events = ke
 		log.Info("using the Kubernetes API for pull secrets and pod events", "host", kcfg.Host)
 	}
+	var provider puller.CredentialProvider
+	if cfg.CredentialProviderConfig != "" {
+		ps, err := credprovider.Load(credprovider.Options{Config: cfg.CredentialProviderConfig, BinDir: cfg.CredentialProviderBinDir, Log: log})
+		if err != nil {
+			return err
+		}
+		provider = ps
+		log.Info("using credential provider plugins for node credentials", "plugins", ps.Names(), "binDir", cfg.CredentialProviderBinDir)
+	}
 	store, err := node.OpenStore(cfg.RootDir)
 	if err != nil {
 		return err
@@ -182,6 +201,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Puller: puller.Config{
 			InsecureRegistries: cfg.InsecureRegistries,
 			DockerConfig:       cfg.DockerConfig,
+			CredentialProvider: provider,
 			UserAgent:          "wasm-csi/" + version,
 		},
 		Metrics:     metrics,
