@@ -178,15 +178,6 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		events = ke
 		log.Info("using the Kubernetes API for pull secrets and pod events", "host", kcfg.Host)
 	}
-	var provider puller.CredentialProvider
-	if cfg.CredentialProviderConfig != "" {
-		ps, err := credprovider.Load(credprovider.Options{Config: cfg.CredentialProviderConfig, BinDir: cfg.CredentialProviderBinDir, Log: log})
-		if err != nil {
-			return err
-		}
-		provider = ps
-		log.Info("using credential provider plugins for node credentials", "plugins", ps.Names(), "binDir", cfg.CredentialProviderBinDir)
-	}
 	store, err := node.OpenStore(cfg.RootDir)
 	if err != nil {
 		return err
@@ -196,6 +187,15 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	metrics, err := node.NewMetrics(reg, store)
 	if err != nil {
 		return err
+	}
+	var provider puller.CredentialProvider
+	if cfg.CredentialProviderConfig != "" {
+		ps, err := credprovider.Load(credprovider.Options{Config: cfg.CredentialProviderConfig, BinDir: cfg.CredentialProviderBinDir, Log: log, Metrics: reg})
+		if err != nil {
+			return err
+		}
+		provider = ps
+		log.Info("using credential provider plugins for node credentials", "plugins", ps.Names(), "binDir", cfg.CredentialProviderBinDir)
 	}
 	svc, err := node.NewService(node.Config{
 		Puller: puller.Config{

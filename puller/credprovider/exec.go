@@ -46,7 +46,10 @@ type limitedBuffer struct {
 	over bool
 }
 
-var errOutputTooLarge = errors.New("output too large")
+var (
+	errOutputTooLarge = errors.New("output too large")
+	errTimeout        = errors.New("it did not answer")
+)
 
 func (b *limitedBuffer) Write(p []byte) (int, error) {
 	if b.buf.Len()+len(p) > b.max {
@@ -102,7 +105,7 @@ func (p *plugin) run(ctx context.Context, image string) (*credentialprovider.Cre
 	err = cmd.Run()
 	switch {
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
-		return nil, stderr.buf, fmt.Errorf("it did not answer within %s and was killed", p.timeout)
+		return nil, stderr.buf, fmt.Errorf("%w within %s and was killed", errTimeout, p.timeout)
 	case ctx.Err() != nil:
 		return nil, stderr.buf, ctx.Err()
 	case stdout.over:

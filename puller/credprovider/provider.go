@@ -2,6 +2,7 @@ package credprovider
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/singleflight"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/kubelet/pkg/apis/credentialprovider"
@@ -48,6 +50,36 @@ type Options struct {
 	Log *slog.Logger
 	// Now is the clock of the cache (default time.Now).
 	Now func() time.Time
+	// Metrics receives the plugins' metrics (nil: none).
+	Metrics prometheus.Registerer
+}
+
+// metrics are per plugin, never per image.
+type metrics struct {
+	runs     *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		runs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "wasmcsi", Name: "credential_provider_runs_total",
+			Help: "Runs of kubelet credential provider plugins, by plugin and result (success, error, timeout).",
+		}, []string{"plugin", "result"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "wasmcsi", Name: "credential_provider_duration_seconds",
+			Help:    "Time a credential provider plugin took to answer, by plugin.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 3, 9),
+		}, []string{"plugin"}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.runs, m.duration} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
 }
 
 // Providers are the configured plugins, in the config's order. It
@@ -70,6 +102,7 @@ type plugin struct {
 	timeout      time.Duration
 	maxOutput    int
 	codecs       *codecs
+	metrics      *metrics
 	log          *slog.Logger
 	now          func() time.Time
 
@@ -117,6 +150,10 @@ func Load(opts Options) (*Providers, error) {
 	if err != nil {
 		return nil, err
 	}
+	m, err := newMetrics(opts.Metrics)
+	if err != nil {
+		return nil, err
+	}
 	ps := &Providers{log: opts.Log}
 	for _, p := range providers {
 		bin, err := findBinary(opts.BinDir, p.Name)
@@ -133,7 +170,7 @@ func Load(opts Options) (*Providers, error) {
 			matchImages:  p.MatchImages,
 			defaultCache: p.DefaultCacheDuration.Duration,
 			timeout:      opts.Timeout, maxOutput: opts.MaxOutput,
-			codecs: cs, log: opts.Log, now: opts.Now,
+			codecs: cs, metrics: m, log: opts.Log, now: opts.Now,
 			cache: map[string]cacheEntry{}, maxEntries: opts.MaxCacheEntries,
 		})
 	}
@@ -228,6 +265,15 @@ func (p *plugin) ask(ctx context.Context, image string) (*puller.Keyring, error)
 	p.mu.Unlock()
 	start := time.Now()
 	resp, stderr, err := p.run(ctx, image)
+	p.metrics.duration.WithLabelValues(p.name).Observe(time.Since(start).Seconds())
+	result := "success"
+	switch {
+	case errors.Is(err, errTimeout):
+		result = "timeout"
+	case err != nil:
+		result = "error"
+	}
+	p.metrics.runs.WithLabelValues(p.name, result).Inc()
 	if err != nil {
 		p.log.Warn("credential provider plugin failed", "plugin", p.name, "image", image,
 			"err", err, "stderr", strings.TrimSpace(string(stderr)), "duration", time.Since(start))

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/test/harness"
 )
@@ -508,5 +510,50 @@ func TestProvidersInOrder(t *testing.T) {
 	want := "credential provider first=first,credential provider second=second"
 	if strings.Join(got, ",") != want {
 		t.Errorf("got %v, want %s", got, want)
+	}
+}
+
+// Runs are counted per plugin and result in the injected registry; no
+// label names an image.
+func TestMetrics(t *testing.T) {
+	e := newEnv(t, "good", "broken", "slow")
+	reg := prometheus.NewRegistry()
+	ps := e.load(config(
+		provider("good", v1, "0s", []string{"a.io"}, "-user=u", "-password=p"),
+		provider("broken", v1, "0s", []string{"b.io"}, "-mode=fail"),
+		provider("slow", v1, "0s", []string{"c.io"}, "-mode=hang"),
+	), Options{Metrics: reg, Timeout: time.Second})
+	for _, img := range []string{"a.io/x:1", "a.io/y:1", "b.io/x:1", "c.io/x:1"} {
+		ps.Provide(context.Background(), ref(t, img))
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs, durations := map[string]float64{}, map[string]uint64{}
+	for _, f := range families {
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			switch f.GetName() {
+			case "wasmcsi_credential_provider_runs_total":
+				runs[labels["plugin"]+"/"+labels["result"]] = m.GetCounter().GetValue()
+			case "wasmcsi_credential_provider_duration_seconds":
+				durations[labels["plugin"]] = m.GetHistogram().GetSampleCount()
+			}
+			if len(labels) > 2 || labels["image"] != "" {
+				t.Errorf("%s has labels %v", f.GetName(), labels)
+			}
+		}
+	}
+	wantRuns := map[string]float64{"good/success": 2, "broken/error": 1, "slow/timeout": 1}
+	if fmt.Sprint(runs) != fmt.Sprint(wantRuns) {
+		t.Errorf("runs_total %v, want %v", runs, wantRuns)
+	}
+	wantDurations := map[string]uint64{"good": 2, "broken": 1, "slow": 1}
+	if fmt.Sprint(durations) != fmt.Sprint(wantDurations) {
+		t.Errorf("duration_seconds counts %v, want %v", durations, wantDurations)
 	}
 }

@@ -147,6 +147,9 @@ func TestCredentialProviderPlugin(t *testing.T) {
 		if strings.Contains(e.d.Logs(), pass) {
 			t.Error("the daemon logged the plugin's password")
 		}
+		if n := metric(t, scrape(t, e.d), `wasmcsi_credential_provider_runs_total{plugin="`+pluginName+`",result="success"}`); n != 1 {
+			t.Errorf("runs_total says %v successful runs, want 1", n)
+		}
 	})
 
 	t.Run("before-docker-config", func(t *testing.T) {
@@ -186,6 +189,9 @@ func TestCredentialProviderPlugin(t *testing.T) {
 				t.Errorf("the plugin's output reached the message or the log: %v", err)
 			}
 			checkGone(t, req.TargetPath)
+			if n := metric(t, scrape(t, e.d), `wasmcsi_credential_provider_runs_total{plugin="`+pluginName+`",result="error"}`); n != 1 {
+				t.Errorf("runs_total says %v failed runs, want 1", n)
+			}
 		})
 	}
 }
