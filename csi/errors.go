@@ -7,31 +7,30 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/wasm-csi/wasm-csi/node"
-	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // codeOf is the one place domain errors become gRPC codes.
 func codeOf(err error) codes.Code {
 	switch {
-	case errors.Is(err, puller.ErrInvalidReference), errors.Is(err, node.ErrInvalidArgument),
-		errors.Is(err, puller.ErrBlockedAddress): // the pod named a registry it may not use
+	case errors.Is(err, errdefs.ErrInvalidReference), errors.Is(err, errdefs.ErrInvalidArgument),
+		errors.Is(err, errdefs.ErrBlockedAddress): // the pod named a registry it may not use
 		return codes.InvalidArgument
-	case errors.Is(err, puller.ErrNotFound):
+	case errors.Is(err, errdefs.ErrNotFound):
 		return codes.NotFound
-	case errors.Is(err, puller.ErrUnauthorized):
+	case errors.Is(err, errdefs.ErrUnauthorized):
 		return codes.PermissionDenied
-	case errors.Is(err, node.ErrPullPending):
+	case errors.Is(err, errdefs.ErrPullPending):
 		return codes.DeadlineExceeded
-	case errors.Is(err, puller.ErrUnavailable):
+	case errors.Is(err, errdefs.ErrUnavailable):
 		return codes.Unavailable
-	case errors.Is(err, puller.ErrUnsupportedImage), errors.Is(err, puller.ErrInvalidModule),
-		errors.Is(err, node.ErrInvalidModule), errors.Is(err, puller.ErrTooLarge), errors.Is(err, node.ErrDigestMismatch),
-		errors.Is(err, node.ErrNotPresent):
+	case errors.Is(err, errdefs.ErrUnsupportedImage), errors.Is(err, errdefs.ErrInvalidModule),
+		errors.Is(err, errdefs.ErrTooLarge), errors.Is(err, errdefs.ErrDigestMismatch),
+		errors.Is(err, errdefs.ErrNotPresent):
 		return codes.FailedPrecondition
-	case errors.Is(err, node.ErrVolumeConflict):
+	case errors.Is(err, errdefs.ErrVolumeConflict):
 		return codes.AlreadyExists
-	case errors.Is(err, node.ErrNoSpace):
+	case errors.Is(err, errdefs.ErrNoSpace):
 		return codes.ResourceExhausted
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded

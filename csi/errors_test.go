@@ -8,6 +8,7 @@ import (
 	"go/parser"
 	"go/token"
 	"io"
+	"io/fs"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -17,36 +18,34 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/wasm-csi/wasm-csi/node"
-	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 const img = "ghcr.io/acme/x:1"
 
-// forms returns kind as the code sees it: bare, in each package's *Error,
-// with and without a cause, and wrapped again with %w.
+// forms returns kind as the code sees it: bare, in an *errdefs.Error with
+// and without an image and a cause, and wrapped again with %w.
 func forms(kind error) map[string]error {
-	pe := &puller.Error{Kind: kind, Image: img, Msg: "m"}
-	ne := &node.Error{Kind: kind, Image: img, Msg: "m"}
+	e := &errdefs.Error{Kind: kind, Image: img, Msg: "m"}
 	return map[string]error{
-		"bare":               kind,
-		"%w":                 fmt.Errorf("publishing: %w", kind),
-		"puller.Error":       pe,
-		"puller.Error+cause": &puller.Error{Kind: kind, Image: img, Msg: "m", Cause: io.ErrUnexpectedEOF},
-		"%w puller.Error":    fmt.Errorf("pull: %w", pe),
-		"node.Error":         ne,
-		"node.Error+cause":   &node.Error{Kind: kind, Msg: "m", Cause: syscall.EIO},
-		"%w %w node.Error":   fmt.Errorf("a: %w", fmt.Errorf("b: %w", ne)),
+		"bare":                   kind,
+		"%w":                     fmt.Errorf("publishing: %w", kind),
+		"errdefs.Error":          e,
+		"errdefs.Error+cause":    &errdefs.Error{Kind: kind, Image: img, Msg: "m", Cause: io.ErrUnexpectedEOF},
+		"%w errdefs.Error":       fmt.Errorf("pull: %w", e),
+		"errdefs.Error no image": &errdefs.Error{Kind: kind, Msg: "m"},
+		"errdefs.Error+errno":    &errdefs.Error{Kind: kind, Msg: "m", Cause: syscall.EIO},
+		"%w %w errdefs.Error":    fmt.Errorf("a: %w", fmt.Errorf("b: %w", e)),
 		// A host failure (ErrInternal) caused by a domain error takes
 		// the cause's code: ErrInternal is only the fallback.
-		"node.Error(puller)":    &node.Error{Kind: node.ErrInternal, Image: img, Msg: "m", Cause: pe},
-		"errors.Join":           errors.Join(errors.New("other"), kind),
-		"puller.Error in chain": &puller.Error{Kind: kind, Image: img, Msg: "m", Cause: errors.New("x")},
+		"ErrInternal caused by it": &errdefs.Error{Kind: errdefs.ErrInternal, Image: img, Msg: "m", Cause: e},
+		"errors.Join":              errors.Join(errors.New("other"), kind),
+		"errdefs.Error in chain":   &errdefs.Error{Kind: kind, Image: img, Msg: "m", Cause: errors.New("x")},
 	}
 }
 
-// sentinels is every exported Err* of the puller and node packages, and the
-// code CONTRACT.md's "Status codes" list gives it.
+// sentinels is every exported Err* of package errdefs, and the code the
+// README's "Status codes" table gives it.
 type codeCase struct {
 	name string
 	kind error
@@ -54,22 +53,21 @@ type codeCase struct {
 }
 
 var sentinels = []codeCase{
-	{"puller.ErrInvalidReference", puller.ErrInvalidReference, codes.InvalidArgument},
-	{"node.ErrInvalidArgument", node.ErrInvalidArgument, codes.InvalidArgument},
-	{"puller.ErrBlockedAddress", puller.ErrBlockedAddress, codes.InvalidArgument},
-	{"puller.ErrNotFound", puller.ErrNotFound, codes.NotFound},
-	{"puller.ErrUnauthorized", puller.ErrUnauthorized, codes.PermissionDenied},
-	{"puller.ErrUnavailable", puller.ErrUnavailable, codes.Unavailable},
-	{"node.ErrPullPending", node.ErrPullPending, codes.DeadlineExceeded},
-	{"puller.ErrUnsupportedImage", puller.ErrUnsupportedImage, codes.FailedPrecondition},
-	{"puller.ErrInvalidModule", puller.ErrInvalidModule, codes.FailedPrecondition},
-	{"puller.ErrTooLarge", puller.ErrTooLarge, codes.FailedPrecondition},
-	{"node.ErrInvalidModule", node.ErrInvalidModule, codes.FailedPrecondition},
-	{"node.ErrDigestMismatch", node.ErrDigestMismatch, codes.FailedPrecondition},
-	{"node.ErrNotPresent", node.ErrNotPresent, codes.FailedPrecondition},
-	{"node.ErrVolumeConflict", node.ErrVolumeConflict, codes.AlreadyExists},
-	{"node.ErrNoSpace", node.ErrNoSpace, codes.ResourceExhausted},
-	{"node.ErrInternal", node.ErrInternal, codes.Internal},
+	{"errdefs.ErrInvalidReference", errdefs.ErrInvalidReference, codes.InvalidArgument},
+	{"errdefs.ErrInvalidArgument", errdefs.ErrInvalidArgument, codes.InvalidArgument},
+	{"errdefs.ErrBlockedAddress", errdefs.ErrBlockedAddress, codes.InvalidArgument},
+	{"errdefs.ErrNotFound", errdefs.ErrNotFound, codes.NotFound},
+	{"errdefs.ErrUnauthorized", errdefs.ErrUnauthorized, codes.PermissionDenied},
+	{"errdefs.ErrUnavailable", errdefs.ErrUnavailable, codes.Unavailable},
+	{"errdefs.ErrPullPending", errdefs.ErrPullPending, codes.DeadlineExceeded},
+	{"errdefs.ErrUnsupportedImage", errdefs.ErrUnsupportedImage, codes.FailedPrecondition},
+	{"errdefs.ErrInvalidModule", errdefs.ErrInvalidModule, codes.FailedPrecondition},
+	{"errdefs.ErrTooLarge", errdefs.ErrTooLarge, codes.FailedPrecondition},
+	{"errdefs.ErrDigestMismatch", errdefs.ErrDigestMismatch, codes.FailedPrecondition},
+	{"errdefs.ErrNotPresent", errdefs.ErrNotPresent, codes.FailedPrecondition},
+	{"errdefs.ErrVolumeConflict", errdefs.ErrVolumeConflict, codes.AlreadyExists},
+	{"errdefs.ErrNoSpace", errdefs.ErrNoSpace, codes.ResourceExhausted},
+	{"errdefs.ErrInternal", errdefs.ErrInternal, codes.Internal},
 }
 
 func TestCodeOf(t *testing.T) {
@@ -86,26 +84,35 @@ func TestCodeOf(t *testing.T) {
 	}
 }
 
-// TestSentinelsCovered fails when a package gains an exported sentinel
-// that the table above (and so, likely, codeOf) does not know.
+// notFromCalls are sentinels of config-file parsing: a CSI call never
+// returns them, so they need no code.
+var notFromCalls = []string{
+	"imagematch.ErrInvalidPattern", // registries.allowed and policy patterns, checked when the config loads
+}
+
+// TestSentinelsCovered fails when the driver's sources gain an exported
+// sentinel that the table above (and so, likely, codeOf) does not know:
+// errdefs's must each have a row, and a sentinel declared in another
+// package is an error unless notFromCalls lists it.
 func TestSentinelsCovered(t *testing.T) {
 	known := map[string]bool{}
 	for _, s := range sentinels {
 		known[s.name] = true
 	}
-	found := 0
-	for _, pkg := range []string{"puller", "node"} {
-		files, err := filepath.Glob(filepath.Join("..", pkg, "*.go"))
-		if err != nil || len(files) == 0 {
-			t.Fatalf("no sources for %s: %v", pkg, err)
-		}
-		for _, f := range files {
-			if strings.HasSuffix(f, "_test.go") {
-				continue
+	exempt := map[string]bool{}
+	for _, n := range notFromCalls {
+		exempt[n] = true
+	}
+	found, files := 0, 0
+	for _, top := range []string{"cmd", "csi", "node", "puller"} {
+		err := filepath.WalkDir(filepath.Join("..", top), func(f string, d fs.DirEntry, err error) error {
+			if err != nil || d.IsDir() || !strings.HasSuffix(f, ".go") || strings.HasSuffix(f, "_test.go") {
+				return err
 			}
+			files++
 			af, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
 			if err != nil {
-				t.Fatal(err)
+				return err
 			}
 			for _, decl := range af.Decls {
 				gd, ok := decl.(*ast.GenDecl)
@@ -114,17 +121,28 @@ func TestSentinelsCovered(t *testing.T) {
 				}
 				for _, spec := range gd.Specs {
 					for _, id := range spec.(*ast.ValueSpec).Names {
-						if !strings.HasPrefix(id.Name, "Err") {
+						if !strings.HasPrefix(id.Name, "Err") || !id.IsExported() {
+							continue
+						}
+						name := af.Name.Name + "." + id.Name
+						if exempt[name] {
 							continue
 						}
 						found++
-						if name := pkg + "." + id.Name; !known[name] {
-							t.Errorf("%s (in %s) has no row in the sentinels table: map it in codeOf and add it here", name, f)
+						if !known[name] {
+							t.Errorf("%s (in %s) has no row in the sentinels table: declare it in errdefs, map it in codeOf and add it here", name, f)
 						}
 					}
 				}
 			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
+	}
+	if files == 0 {
+		t.Fatal("no sources found")
 	}
 	if found != len(sentinels) {
 		t.Errorf("found %d sentinels in the sources, the table has %d", found, len(sentinels))
@@ -142,25 +160,25 @@ func TestCodeOfChains(t *testing.T) {
 		{"wrapped unknown", fmt.Errorf("x: %w", io.EOF), codes.Internal},
 		{"errno", syscall.EIO, codes.Internal},
 		{"registry timeout is Unavailable",
-			&puller.Error{Kind: puller.ErrUnavailable, Image: img, Msg: "did not answer in time", Cause: context.DeadlineExceeded},
+			&errdefs.Error{Kind: errdefs.ErrUnavailable, Image: img, Msg: "did not answer in time", Cause: context.DeadlineExceeded},
 			codes.Unavailable},
 		{"registry cancelled is Unavailable",
-			&puller.Error{Kind: puller.ErrUnavailable, Image: img, Msg: "cancelled", Cause: context.Canceled},
+			&errdefs.Error{Kind: errdefs.ErrUnavailable, Image: img, Msg: "cancelled", Cause: context.Canceled},
 			codes.Unavailable},
 		{"pull pending with the caller's deadline",
-			&node.Error{Kind: node.ErrPullPending, Image: img, Msg: "still in progress", Cause: context.Canceled},
+			&errdefs.Error{Kind: errdefs.ErrPullPending, Image: img, Msg: "still in progress", Cause: context.Canceled},
 			codes.DeadlineExceeded},
 		{"full disk from the store",
-			&node.Error{Kind: node.ErrNoSpace, Image: img, Msg: "disk is full", Cause: &fsError{syscall.ENOSPC}},
+			&errdefs.Error{Kind: errdefs.ErrNoSpace, Image: img, Msg: "disk is full", Cause: &fsError{syscall.ENOSPC}},
 			codes.ResourceExhausted},
 		{"digest mismatch in flight",
-			&puller.Error{Kind: puller.ErrUnavailable, Image: img, Msg: "did not match its digest", Cause: errors.New("mismatched digest")},
+			&errdefs.Error{Kind: errdefs.ErrUnavailable, Image: img, Msg: "did not match its digest", Cause: errors.New("mismatched digest")},
 			codes.Unavailable},
 		{"bomb",
-			&puller.Error{Kind: puller.ErrTooLarge, Image: img, Msg: "expands past"},
+			&errdefs.Error{Kind: errdefs.ErrTooLarge, Image: img, Msg: "expands past"},
 			codes.FailedPrecondition},
 		{"conflict wrapped",
-			fmt.Errorf("publish: %w", &node.Error{Kind: node.ErrVolumeConflict, Image: img, Msg: "already published"}),
+			fmt.Errorf("publish: %w", &errdefs.Error{Kind: errdefs.ErrVolumeConflict, Image: img, Msg: "already published"}),
 			codes.AlreadyExists},
 	}
 	for _, tt := range tests {
@@ -180,12 +198,12 @@ func TestToStatus(t *testing.T) {
 		t.Error("toStatus(nil) != nil")
 	}
 	// A domain error: its code, and its whole message, naming the image.
-	err := &puller.Error{Kind: puller.ErrNotFound, Image: img, Msg: "resolving 1: not found in ghcr.io"}
+	err := &errdefs.Error{Kind: errdefs.ErrNotFound, Image: img, Msg: "resolving 1: not found in ghcr.io"}
 	st, ok := status.FromError(toStatus(err))
 	if !ok || st.Code() != codes.NotFound || st.Message() != "image ghcr.io/acme/x:1: resolving 1: not found in ghcr.io" {
 		t.Errorf("toStatus = %v %q", st.Code(), st.Message())
 	}
-	ne := &node.Error{Kind: node.ErrNoSpace, Image: img, Msg: "disk is full", Cause: syscall.ENOSPC}
+	ne := &errdefs.Error{Kind: errdefs.ErrNoSpace, Image: img, Msg: "disk is full", Cause: syscall.ENOSPC}
 	st, _ = status.FromError(toStatus(ne))
 	if st.Code() != codes.ResourceExhausted || st.Message() != ne.Error() {
 		t.Errorf("toStatus(node error) = %v %q", st.Code(), st.Message())
@@ -194,7 +212,7 @@ func TestToStatus(t *testing.T) {
 	for _, in := range []error{
 		status.Error(codes.NotFound, "volume gone"),
 		status.Error(codes.InvalidArgument, "bad"),
-		status.Error(codes.Internal, "image x: "+puller.ErrNotFound.Error()),
+		status.Error(codes.Internal, "image x: "+errdefs.ErrNotFound.Error()),
 	} {
 		out := toStatus(in)
 		if out != in {

@@ -6,7 +6,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Damping spaces out the pulls of an image that keeps failing, so that a
@@ -21,8 +21,8 @@ import (
 // refused credentials, unavailable or hanging, not Wasm, invalid, too
 // large, a blocked address. What is not: a full disk (ResourceExhausted is
 // the node's to fix, and freeing space must work at kubelet's next retry)
-// and other failures of the node itself (ErrInternal), nor a caller that
-// gave up while its pull goes on (ErrPullPending: the pull has not failed).
+// and other failures of the node itself (errdefs.ErrInternal), nor a caller that
+// gave up while its pull goes on (errdefs.ErrPullPending: the pull has not failed).
 //
 // A refusal of credentials is the credentials', not the image's: it damps
 // only the pulls that present the same credentials (the same pull secrets),
@@ -66,12 +66,12 @@ func newDamper(now func() time.Time) *damper {
 // dampable reports whether a pull's failure damps its image.
 func dampable(err error) bool {
 	switch {
-	case err == nil, errors.Is(err, ErrNoSpace), errors.Is(err, ErrPullPending):
+	case err == nil, errors.Is(err, errdefs.ErrNoSpace), errors.Is(err, errdefs.ErrPullPending):
 		return false
 	}
-	for _, kind := range []error{puller.ErrNotFound, puller.ErrUnauthorized, puller.ErrUnavailable,
-		puller.ErrUnsupportedImage, puller.ErrInvalidModule, puller.ErrTooLarge, puller.ErrBlockedAddress,
-		puller.ErrInvalidReference, ErrInvalidModule} {
+	for _, kind := range []error{errdefs.ErrNotFound, errdefs.ErrUnauthorized, errdefs.ErrUnavailable,
+		errdefs.ErrUnsupportedImage, errdefs.ErrInvalidModule, errdefs.ErrTooLarge, errdefs.ErrBlockedAddress,
+		errdefs.ErrInvalidReference} {
 		if errors.Is(err, kind) {
 			return true
 		}
@@ -141,7 +141,7 @@ func (d *damper) failed(image, creds string, err error) time.Time {
 		}
 	}
 	w := &dampWindow{until: now.Add(wait), err: err, failures: im.failures}
-	if errors.Is(err, puller.ErrUnauthorized) {
+	if errors.Is(err, errdefs.ErrUnauthorized) {
 		if im.byCreds == nil {
 			im.byCreds = map[string]*dampWindow{}
 		}

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 type fakeClock struct{ t time.Time }
@@ -17,7 +17,7 @@ func (c *fakeClock) now() time.Time          { return c.t }
 func (c *fakeClock) advance(d time.Duration) { c.t = c.t.Add(d) }
 
 func unavailable(msg string) error {
-	return &puller.Error{Kind: puller.ErrUnavailable, Image: "r.example/a:1", Msg: msg}
+	return &errdefs.Error{Kind: errdefs.ErrUnavailable, Image: "r.example/a:1", Msg: msg}
 }
 
 // TestDamperBackoff: each failure in a row doubles the window, from 1s up
@@ -42,7 +42,7 @@ func TestDamperBackoff(t *testing.T) {
 		if got == nil {
 			t.Fatalf("failure %d: not damped right after it", i+1)
 		}
-		if !errors.Is(got, puller.ErrUnavailable) || !errors.Is(got, err) {
+		if !errors.Is(got, errdefs.ErrUnavailable) || !errors.Is(got, err) {
 			t.Errorf("failure %d: damped error %v lost the last error's kind", i+1, got)
 		}
 		for _, s := range []string{"r.example/a:1", fmt.Sprintf("failure %d", i+1), "retrying after " + until.Format(time.RFC3339)} {
@@ -82,15 +82,15 @@ func TestDamperWhatIsDamped(t *testing.T) {
 		damp bool
 	}{
 		{"unavailable", unavailable("503"), true},
-		{"not found", &puller.Error{Kind: puller.ErrNotFound, Image: "x", Msg: "m"}, true},
-		{"not wasm", &puller.Error{Kind: puller.ErrUnsupportedImage, Image: "x", Msg: "m"}, true},
-		{"too large", &puller.Error{Kind: puller.ErrTooLarge, Image: "x", Msg: "m"}, true},
-		{"blocked", &puller.Error{Kind: puller.ErrBlockedAddress, Image: "x", Msg: "m"}, true},
-		{"invalid module", &Error{Kind: ErrInvalidModule, Image: "x", Msg: "m"}, true},
-		{"unauthorized", &puller.Error{Kind: puller.ErrUnauthorized, Image: "x", Msg: "m"}, true},
-		{"no space", &Error{Kind: ErrNoSpace, Image: "x", Msg: "m"}, false},
-		{"internal", &Error{Kind: ErrInternal, Image: "x", Msg: "m", Cause: errors.New("EIO")}, false},
-		{"pending", &Error{Kind: ErrPullPending, Image: "x", Msg: "m", Cause: context.DeadlineExceeded}, false},
+		{"not found", &errdefs.Error{Kind: errdefs.ErrNotFound, Image: "x", Msg: "m"}, true},
+		{"not wasm", &errdefs.Error{Kind: errdefs.ErrUnsupportedImage, Image: "x", Msg: "m"}, true},
+		{"too large", &errdefs.Error{Kind: errdefs.ErrTooLarge, Image: "x", Msg: "m"}, true},
+		{"blocked", &errdefs.Error{Kind: errdefs.ErrBlockedAddress, Image: "x", Msg: "m"}, true},
+		{"invalid module", &errdefs.Error{Kind: errdefs.ErrInvalidModule, Image: "x", Msg: "m"}, true},
+		{"unauthorized", &errdefs.Error{Kind: errdefs.ErrUnauthorized, Image: "x", Msg: "m"}, true},
+		{"no space", &errdefs.Error{Kind: errdefs.ErrNoSpace, Image: "x", Msg: "m"}, false},
+		{"internal", &errdefs.Error{Kind: errdefs.ErrInternal, Image: "x", Msg: "m", Cause: errors.New("EIO")}, false},
+		{"pending", &errdefs.Error{Kind: errdefs.ErrPullPending, Image: "x", Msg: "m", Cause: context.DeadlineExceeded}, false},
 		{"plain", errors.New("boom"), false},
 	}
 	for _, tt := range tests {
@@ -107,9 +107,9 @@ func TestDamperWhatIsDamped(t *testing.T) {
 func TestDamperCredentials(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	d := newDamper(clk.now)
-	denied := &puller.Error{Kind: puller.ErrUnauthorized, Image: "img", Msg: "refused every credential tried (secret ns/a)"}
+	denied := &errdefs.Error{Kind: errdefs.ErrUnauthorized, Image: "img", Msg: "refused every credential tried (secret ns/a)"}
 	d.done("img", "ns/a", denied)
-	if err := d.check("img", "ns/a"); !errors.Is(err, puller.ErrUnauthorized) {
+	if err := d.check("img", "ns/a"); !errors.Is(err, errdefs.ErrUnauthorized) {
 		t.Errorf("same credentials: %v, want the refusal again", err)
 	}
 	if err := d.check("img", "ns/b"); err != nil {
@@ -155,7 +155,7 @@ func TestDamperForgets(t *testing.T) {
 func TestDamperReset(t *testing.T) {
 	d := newDamper((&fakeClock{t: time.Unix(1e9, 0)}).now)
 	d.failed("a", "", unavailable("x"))
-	d.failed("b", "ns/s", &puller.Error{Kind: puller.ErrUnauthorized, Image: "b", Msg: "m"})
+	d.failed("b", "ns/s", &errdefs.Error{Kind: errdefs.ErrUnauthorized, Image: "b", Msg: "m"})
 	d.reset()
 	if d.check("a", "") != nil || d.check("b", "ns/s") != nil {
 		t.Error("damped after reset")

@@ -8,7 +8,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Metrics are the driver's Prometheus metrics. None has a per-volume or
@@ -62,15 +62,15 @@ func PullResult(err error) string {
 	switch {
 	case err == nil:
 		return "success"
-	case errors.Is(err, puller.ErrNotFound):
+	case errors.Is(err, errdefs.ErrNotFound):
 		return "not_found"
-	case errors.Is(err, puller.ErrUnauthorized):
+	case errors.Is(err, errdefs.ErrUnauthorized):
 		return "unauthorized"
-	case errors.Is(err, puller.ErrUnavailable):
+	case errors.Is(err, errdefs.ErrUnavailable):
 		return "unavailable"
-	case errors.Is(err, puller.ErrUnsupportedImage), errors.Is(err, puller.ErrInvalidModule), errors.Is(err, ErrInvalidModule), errors.Is(err, puller.ErrTooLarge):
+	case errors.Is(err, errdefs.ErrUnsupportedImage), errors.Is(err, errdefs.ErrInvalidModule), errors.Is(err, errdefs.ErrTooLarge):
 		return "invalid_image"
-	case errors.Is(err, ErrNoSpace):
+	case errors.Is(err, errdefs.ErrNoSpace):
 		return "no_space"
 	}
 	return "error"

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Publish makes the module of req.Image visible at req.TargetPath as
@@ -25,12 +27,12 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	var module, manifest digest.Digest
 	if exists {
 		if rec.Image != image || rec.FileName != req.FileName || rec.SHA256 != string(req.SHA256) || rec.PullPolicy != string(req.PullPolicy) {
-			return newError(ErrVolumeConflict, image, nil,
+			return errdefs.New(errdefs.ErrVolumeConflict, image, nil,
 				"volume %s is already published at %s with image %s; unpublish it first or use a new volume", req.VolumeID, req.TargetPath, rec.Image)
 		}
 		mounted, err := s.mounter.IsMountPoint(req.TargetPath)
 		if err != nil {
-			return newError(ErrInternal, image, err, "checking the target path %s", req.TargetPath)
+			return errdefs.New(errdefs.ErrInternal, image, err, "checking the target path %s", req.TargetPath)
 		}
 		if mounted {
 			return nil
@@ -50,7 +52,7 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 		// Count this volume's use before anything else, under the lock the
 		// collector takes: from here on the module cannot be removed.
 		if !s.uses.Acquire(s.store, module) {
-			return newError(ErrNotPresent, image, nil, "module %s was removed from the node while this volume was being published; the retry pulls it again", module)
+			return errdefs.New(errdefs.ErrNotPresent, image, nil, "module %s was removed from the node while this volume was being published; the retry pulls it again", module)
 		}
 		defer func() {
 			if err != nil {
@@ -59,11 +61,11 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 		}()
 	}
 	if req.SHA256 != "" && req.SHA256 != module {
-		return newError(ErrDigestMismatch, image, nil,
+		return errdefs.New(errdefs.ErrDigestMismatch, image, nil,
 			"the module's sha256 is %s but the volume pins %s; fix the sha256 attribute or the image", module.Encoded(), req.SHA256.Encoded())
 	}
 	if !s.store.HasBlob(module) {
-		return newError(ErrNotPresent, image, nil, "module %s of this volume is no longer on the node; delete and recreate the pod", module)
+		return errdefs.New(errdefs.ErrNotPresent, image, nil, "module %s of this volume is no longer on the node; delete and recreate the pod", module)
 	}
 	dir, err := s.store.ViewDir(module, req.FileName)
 	if err != nil {
@@ -71,7 +73,7 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	}
 	view := s.store.ReadOnlyViewPath(module, req.FileName)
 	if err := s.mounter.MountReadOnlyView(dir, s.store.EmptyDir(), view); err != nil {
-		return newError(ErrInternal, image, err, "mounting the module's read-only view")
+		return errdefs.New(errdefs.ErrInternal, image, err, "mounting the module's read-only view")
 	}
 	rec = VolumeRecord{
 		VolumeID: req.VolumeID, TargetPath: req.TargetPath, Image: image,
@@ -93,7 +95,7 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 				s.log.Error("undoing volume record", "volume", req.VolumeID, "err", derr)
 			}
 		}
-		return newError(ErrInternal, image, err, "mounting the module at %s", req.TargetPath)
+		return errdefs.New(errdefs.ErrInternal, image, err, "mounting the module at %s", req.TargetPath)
 	}
 	s.store.Touch(module)
 	s.log.Info("volume published", "volume", req.VolumeID, "target", req.TargetPath, "image", image,
@@ -128,10 +130,10 @@ func (s *Service) Unpublish(ctx context.Context, volumeID, target string) error 
 	unlock := s.locks.Lock(volumeID)
 	defer unlock()
 	if err := s.mounter.Unmount(target); err != nil {
-		return newError(ErrInternal, "", err, "unmounting volume %s at %s", volumeID, target)
+		return errdefs.New(errdefs.ErrInternal, "", err, "unmounting volume %s at %s", volumeID, target)
 	}
 	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return newError(ErrInternal, "", err, "removing target path %s of volume %s", target, volumeID)
+		return errdefs.New(errdefs.ErrInternal, "", err, "removing target path %s of volume %s", target, volumeID)
 	}
 	rec, known, err := s.store.GetVolume(volumeID, target)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // access is who a publish pulls as: its pod's keyrings, and a key naming
@@ -74,7 +75,7 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 	case PullNever:
 		rec, ok := s.store.GetRef(key)
 		if !ok {
-			return RefRecord{}, false, newError(ErrNotPresent, req.Image.Original, nil,
+			return RefRecord{}, false, errdefs.New(errdefs.ErrNotPresent, req.Image.Original, nil,
 				"pullPolicy is Never and the module is not on this node; pre-pull it or use IfNotPresent")
 		}
 		return rec, true, s.checkAccess(ctx, req.Image, rec, accessOf)
@@ -117,8 +118,8 @@ func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec Ref
 		return err
 	}
 	if _, _, err := st.puller.ResolveWith(ctx, pinned, attempts); err != nil {
-		if errors.Is(err, puller.ErrUnauthorized) {
-			return &puller.Error{Kind: puller.ErrUnauthorized, Image: ref.Original, Cause: err,
+		if errors.Is(err, errdefs.ErrUnauthorized) {
+			return &errdefs.Error{Kind: errdefs.ErrUnauthorized, Image: ref.Original, Cause: err,
 				Msg: "the module is on this node, pulled with another pod's pull secret, and this pod's credentials do not give access to it; add an imagePullSecret the registry accepts"}
 		}
 		return err
@@ -156,7 +157,7 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (R
 		pr := r.Val.(pullResult)
 		return pr.rec, pr.cached, pr.leader, nil
 	case <-ctx.Done():
-		return RefRecord{}, false, "", newError(ErrPullPending, ref.Original, ctx.Err(),
+		return RefRecord{}, false, "", errdefs.New(errdefs.ErrPullPending, ref.Original, ctx.Err(),
 			"the pull is still in progress and goes on in the background; the retry will use it")
 	}
 }
@@ -173,7 +174,7 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) 
 		if src.Registry != ref.Registry {
 			s.log.Warn("mirror failed, trying the next source", "image", ref.Original, "mirror", src.Registry, "err", err)
 		}
-		if errors.Is(err, ErrNoSpace) || ctx.Err() != nil {
+		if errors.Is(err, errdefs.ErrNoSpace) || ctx.Err() != nil {
 			break
 		}
 	}
@@ -225,7 +226,7 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 	defer w.Abort()
 	mod, err := st.puller.Pull(ctx, src, desc, w, used)
 	if err != nil {
-		var ne *Error
+		var ne *errdefs.Error
 		if errors.As(err, &ne) { // the store failed, e.g. a full disk
 			return RefRecord{}, withImage(ne, ref.Original)
 		}

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // PullPolicy says when a publish asks the registry.
@@ -268,14 +269,14 @@ func (s *Service) startPrePull(images []string) {
 
 // withImage names the image in a node error that has none.
 func withImage(err error, image string) error {
-	var ne *Error
+	var ne *errdefs.Error
 	if errors.As(err, &ne) && ne.Image == "" {
 		cp := *ne
 		cp.Image = image
 		return &cp
 	}
 	if ne == nil {
-		return newError(ErrInternal, image, err, "%s", "internal error")
+		return errdefs.New(errdefs.ErrInternal, image, err, "%s", "internal error")
 	}
 	return err
 }

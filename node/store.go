@@ -20,6 +20,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Store is the content-addressed module store under the root directory:
@@ -323,7 +325,7 @@ func (w *BlobWriter) flushStage() error {
 		if err := w.waitDirectWriter(); err != nil {
 			return err
 		}
-		return newError(ErrInternal, "", nil, "write to a finished blob writer")
+		return errdefs.New(errdefs.ErrInternal, "", nil, "write to a finished blob writer")
 	}
 	w.pending <- w.stage
 	w.stage = <-w.spare
@@ -589,10 +591,10 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// storageError classifies a filesystem error: a full disk is ErrNoSpace.
+// storageError classifies a filesystem error: a full disk is errdefs.ErrNoSpace.
 func storageError(err error, doing string) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		return newError(ErrNoSpace, "", err, "%s: the store's disk is full; free space or lower limits.maxStoreSize", doing)
+		return errdefs.New(errdefs.ErrNoSpace, "", err, "%s: the store's disk is full; free space or lower limits.maxStoreSize", doing)
 	}
-	return newError(ErrInternal, "", err, "%s", doing)
+	return errdefs.New(errdefs.ErrInternal, "", err, "%s", doing)
 }

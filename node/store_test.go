@@ -19,6 +19,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // mountFS mounts a fresh filesystem of type fstype on a temp dir and
@@ -500,10 +502,10 @@ func TestBlobWriterNoSpace(t *testing.T) {
 			if werr == nil {
 				t.Fatal("2 MiB were stored on a 1 MiB filesystem")
 			}
-			if !errors.Is(werr, ErrNoSpace) || !errors.Is(werr, syscall.ENOSPC) {
-				t.Errorf("error %v is not ErrNoSpace wrapping ENOSPC", werr)
+			if !errors.Is(werr, errdefs.ErrNoSpace) || !errors.Is(werr, syscall.ENOSPC) {
+				t.Errorf("error %v is not errdefs.ErrNoSpace wrapping ENOSPC", werr)
 			}
-			var ne *Error
+			var ne *errdefs.Error
 			if !errors.As(werr, &ne) || !strings.Contains(ne.Msg, "disk is full") {
 				t.Errorf("error %#v does not say the disk is full", werr)
 			}
@@ -821,10 +823,10 @@ func TestStorageError(t *testing.T) {
 		err  error
 		kind error
 	}{
-		{&os.PathError{Op: "write", Path: "/x", Err: syscall.ENOSPC}, ErrNoSpace},
-		{&os.PathError{Op: "write", Path: "/x", Err: syscall.EDQUOT}, ErrNoSpace},
-		{&os.PathError{Op: "write", Path: "/x", Err: syscall.EIO}, ErrInternal},
-		{errors.New("other"), ErrInternal},
+		{&os.PathError{Op: "write", Path: "/x", Err: syscall.ENOSPC}, errdefs.ErrNoSpace},
+		{&os.PathError{Op: "write", Path: "/x", Err: syscall.EDQUOT}, errdefs.ErrNoSpace},
+		{&os.PathError{Op: "write", Path: "/x", Err: syscall.EIO}, errdefs.ErrInternal},
+		{errors.New("other"), errdefs.ErrInternal},
 	} {
 		err := storageError(tt.err, "writing")
 		if !errors.Is(err, tt.kind) || !errors.Is(err, tt.err) {

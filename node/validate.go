@@ -14,6 +14,8 @@ import (
 
 	"github.com/tetratelabs/wazero"
 	"github.com/tetratelabs/wazero/api"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // ValidationMode is the config's validation setting.
@@ -75,9 +77,9 @@ func validationConfig() wazero.RuntimeConfig {
 }
 
 // ValidateModuleFile checks the module file at path under mode. A refusal
-// is a *Error with Kind ErrInvalidModule whose Msg says which rule broke and
+// is a *errdefs.Error with Kind errdefs.ErrInvalidModule whose Msg says which rule broke and
 // what to do (its Image is empty: the caller knows the image and sets it).
-// A file that cannot be read is a *Error with Kind ErrInternal.
+// A file that cannot be read is a *errdefs.Error with Kind errdefs.ErrInternal.
 //
 // The rules:
 //   - every mode: the file starts with the Wasm magic and version 1
@@ -116,11 +118,11 @@ func ValidateModuleFile(path string, mode ValidationMode) error {
 func validateModuleFile(path string, mode ValidationMode, chunk int) error {
 	mode, err := ParseValidationMode(string(mode))
 	if err != nil {
-		return newError(ErrInternal, "", err, "validate module")
+		return errdefs.New(errdefs.ErrInternal, "", err, "validate module")
 	}
 	f, err := os.Open(path)
 	if err != nil {
-		return newError(ErrInternal, "", err, "open module for validation")
+		return errdefs.New(errdefs.ErrInternal, "", err, "open module for validation")
 	}
 	defer f.Close()
 	if err := checkWasmHeader(f); err != nil {
@@ -274,8 +276,8 @@ func (l codeLayout) build(code []byte, from, to int) []byte {
 }
 
 // refuse returns a validation refusal; msg completes "module ...".
-func refuse(format string, args ...any) *Error {
-	return newError(ErrInvalidModule, "", nil, "module "+format, args...)
+func refuse(format string, args ...any) *errdefs.Error {
+	return errdefs.New(errdefs.ErrInvalidModule, "", nil, "module "+format, args...)
 }
 
 const wasmHeaderSize = 8
@@ -289,7 +291,7 @@ func checkWasmHeader(f *os.File) error {
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
 		return refuse("is %d bytes long, too short for a WebAssembly module: the image must carry the compiled .wasm file", n)
 	case err != nil:
-		return newError(ErrInternal, "", err, "read module for validation")
+		return errdefs.New(errdefs.ErrInternal, "", err, "read module for validation")
 	case string(h[:4]) != "\x00asm":
 		return refuse("does not start with the WebAssembly magic bytes (\\0asm): it is not a compiled .wasm file; push the module built by your proxy-wasm SDK")
 	case binary.LittleEndian.Uint32(h[4:]) == 0x1000d:
@@ -312,7 +314,7 @@ type span struct{ off, n int64 }
 func readWasmSections(f *os.File) ([]byte, error) {
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, newError(ErrInternal, "", err, "read module for validation")
+		return nil, errdefs.New(errdefs.ErrInternal, "", err, "read module for validation")
 	}
 	s := &sectionScanner{f: f, size: fi.Size()}
 	s.seek(wasmHeaderSize)
@@ -358,7 +360,7 @@ func readWasmSections(f *os.File) ([]byte, error) {
 	pos := int64(0)
 	for _, sp := range keep {
 		if _, err := f.ReadAt(code[pos:pos+sp.n], sp.off); err != nil {
-			return nil, newError(ErrInternal, "", err, "read module for validation")
+			return nil, errdefs.New(errdefs.ErrInternal, "", err, "read module for validation")
 		}
 		pos += sp.n
 	}
@@ -478,7 +480,7 @@ func (s *sectionScanner) malformed(start int64, err error) error {
 }
 
 func (s *sectionScanner) readError(err error) error {
-	return newError(ErrInternal, "", err, "read module for validation")
+	return errdefs.New(errdefs.ErrInternal, "", err, "read module for validation")
 }
 
 // The host functions Envoy links into a Wasm module, with their types
@@ -712,7 +714,7 @@ func checkProxyWasm(cm wazero.CompiledModule, code []byte) error {
 	if n := len(problems) - maxProblems; n > 0 {
 		msg += fmt.Sprintf("; and %d more problems", n)
 	}
-	return newError(ErrInvalidModule, "", nil, "%s", msg)
+	return errdefs.New(errdefs.ErrInvalidModule, "", nil, "%s", msg)
 }
 
 // checkImport checks one function import against what Envoy registers for

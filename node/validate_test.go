@@ -17,6 +17,7 @@ import (
 	"github.com/tetratelabs/wazero"
 	"github.com/tetratelabs/wazero/imports/wasi_snapshot_preview1"
 
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 	"github.com/wasm-csi/wasm-csi/test/wasmgen"
 )
 
@@ -79,9 +80,9 @@ func checkVerdictChunked(t *testing.T, path string, want verdict, chunk int) {
 			t.Errorf("mode %s: passed, want a refusal mentioning %q", mode, wantMsg)
 			continue
 		}
-		var e *Error
-		if !errors.Is(err, ErrInvalidModule) || !errors.As(err, &e) || e.Kind != ErrInvalidModule {
-			t.Errorf("mode %s: error %v (%T) is not a *Error of kind ErrInvalidModule", mode, err, err)
+		var e *errdefs.Error
+		if !errors.Is(err, errdefs.ErrInvalidModule) || !errors.As(err, &e) || e.Kind != errdefs.ErrInvalidModule {
+			t.Errorf("mode %s: error %v (%T) is not a *errdefs.Error of kind errdefs.ErrInvalidModule", mode, err, err)
 			continue
 		}
 		if !strings.HasPrefix(e.Msg, "module ") {
@@ -455,17 +456,17 @@ func TestValidateNoneReadsHeaderOnly(t *testing.T) {
 
 func TestValidateErrors(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "missing.wasm")
-	if err := ValidateModuleFile(missing, ValidateNone); !errors.Is(err, ErrInternal) || errors.Is(err, ErrInvalidModule) {
-		t.Errorf("missing file: got %v, want ErrInternal", err)
+	if err := ValidateModuleFile(missing, ValidateNone); !errors.Is(err, errdefs.ErrInternal) || errors.Is(err, errdefs.ErrInvalidModule) {
+		t.Errorf("missing file: got %v, want errdefs.ErrInternal", err)
 	}
 	sample := writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{}))
-	if err := ValidateModuleFile(sample, "bogus"); !errors.Is(err, ErrInternal) {
-		t.Errorf("mode bogus: got %v, want ErrInternal", err)
+	if err := ValidateModuleFile(sample, "bogus"); !errors.Is(err, errdefs.ErrInternal) {
+		t.Errorf("mode bogus: got %v, want errdefs.ErrInternal", err)
 	}
 	if err := ValidateModuleFile(sample, ""); err != nil {
 		t.Errorf("mode \"\" (proxy-wasm): %v", err)
 	}
-	if err := ValidateModuleFile(writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{OmitABIExport: true})), ""); !errors.Is(err, ErrInvalidModule) {
+	if err := ValidateModuleFile(writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{OmitABIExport: true})), ""); !errors.Is(err, errdefs.ErrInvalidModule) {
 		t.Errorf("mode \"\" is not proxy-wasm: %v", err)
 	}
 }

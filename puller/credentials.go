@@ -14,6 +14,8 @@ import (
 	"strings"
 
 	"oras.land/oras-go/v2/registry/remote/auth"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Keyring is the registry credentials of one source (a pod's pull secret,
@@ -239,7 +241,7 @@ func (p *Puller) Attempts(ctx context.Context, ref Reference, keyrings ...*Keyri
 	if p.cfg.DockerConfig != "" {
 		node, err := LoadDockerConfigFile(nodeSource, p.cfg.DockerConfig)
 		if err != nil {
-			return nil, newError(ErrUnauthorized, ref.Original, err, "cannot read the node's --docker-config")
+			return nil, errdefs.New(errdefs.ErrUnauthorized, ref.Original, err, "cannot read the node's --docker-config")
 		}
 		node.Node = true
 		out = append(out, node.Lookup(ref)...)

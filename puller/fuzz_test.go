@@ -29,6 +29,8 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // referenceSeeds are references as pods write them, good and bad.
@@ -69,8 +71,8 @@ func FuzzParseReference(f *testing.F) {
 	f.Fuzz(func(t *testing.T, s string) {
 		ref, err := ParseReference(s)
 		if err != nil {
-			if !errors.Is(err, ErrInvalidReference) {
-				t.Fatalf("ParseReference(%q): error %v is not ErrInvalidReference", s, err)
+			if !errors.Is(err, errdefs.ErrInvalidReference) {
+				t.Fatalf("ParseReference(%q): error %v is not errdefs.ErrInvalidReference", s, err)
 			}
 			return
 		}

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // TestAddressPolicy checks which addresses are refused, with which rule,
@@ -95,8 +97,8 @@ func TestBlockedMessage(t *testing.T) {
 			t.Errorf("message %q does not say %q", msg, s)
 		}
 	}
-	if !errors.Is(classify(ref, be, "x"), ErrBlockedAddress) {
-		t.Error("classify of a refused dial is not ErrBlockedAddress")
+	if !errors.Is(classify(ref, be, "x"), errdefs.ErrBlockedAddress) {
+		t.Error("classify of a refused dial is not errdefs.ErrBlockedAddress")
 	}
 	// A configured rule says it can be removed; a redirect names where from.
 	errors.As(p.check("blobs.example:443", netip.MustParseAddr("10.0.0.7")), &be)

@@ -22,6 +22,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 	"github.com/wasm-csi/wasm-csi/test/registrytest"
 )
 
@@ -153,7 +154,7 @@ func TestDialRefusesBlockedAddresses(t *testing.T) {
 		{"[::ffff:127.0.0.1]:" + port + "/x:1", puller.Config{}, []string{"127.0.0.1", "loopback"}},
 	} {
 		err := resolve(c.cfg, c.image)
-		wantKind(t, err, puller.ErrBlockedAddress, append([]string{c.image, "blocked address"}, c.says...)...)
+		wantKind(t, err, errdefs.ErrBlockedAddress, append([]string{c.image, "blocked address"}, c.says...)...)
 	}
 	if n := srv.n.Load(); n != 0 {
 		t.Errorf("%d requests reached the loopback server", n)
@@ -161,9 +162,9 @@ func TestDialRefusesBlockedAddresses(t *testing.T) {
 
 	// Named, the same server is reached (and answers 404).
 	err := resolve(puller.Config{InsecureRegistries: []string{"localhost:" + port}}, "localhost:"+port+"/x:1")
-	wantKind(t, err, puller.ErrNotFound)
+	wantKind(t, err, errdefs.ErrNotFound)
 	err = resolve(puller.Config{InsecureRegistries: []string{"127.0.0.1"}}, "127.0.0.1:"+port+"/x:1")
-	wantKind(t, err, puller.ErrNotFound)
+	wantKind(t, err, errdefs.ErrNotFound)
 	if srv.n.Load() == 0 {
 		t.Error("the named registry was not reached")
 	}
@@ -204,7 +205,7 @@ func TestRedirectFollowsTheSameRules(t *testing.T) {
 
 	p := puller.New(puller.Config{InsecureRegistries: []string{f.ref.Registry}})
 	_, err := pull(context.Background(), p, f.ref)
-	wantKind(t, err, puller.ErrBlockedAddress, f.ref.Original, storage.host(), "reached from registry "+f.ref.Registry, "loopback")
+	wantKind(t, err, errdefs.ErrBlockedAddress, f.ref.Original, storage.host(), "reached from registry "+f.ref.Registry, "loopback")
 	if n := storage.n.Load(); n != 0 {
 		t.Errorf("the blocked blob storage got %d requests", n)
 	}
@@ -242,7 +243,7 @@ func TestTokenRealmFollowsTheSameRules(t *testing.T) {
 
 	p := puller.New(puller.Config{InsecureRegistries: []string{f.ref.Registry}})
 	_, err := p.Resolve(context.Background(), f.ref, puller.Credential{})
-	wantKind(t, err, puller.ErrBlockedAddress, f.ref.Original, realm.host(), "loopback")
+	wantKind(t, err, errdefs.ErrBlockedAddress, f.ref.Original, realm.host(), "loopback")
 	if n := realm.n.Load(); n != 0 {
 		t.Errorf("the blocked token realm got %d requests", n)
 	}
@@ -307,7 +308,7 @@ func TestIdleBodyTimeout(t *testing.T) {
 	p := puller.New(puller.Config{InsecureRegistries: []string{f.ref.Registry}, IdleTimeout: 500 * time.Millisecond})
 	start := time.Now()
 	_, err := pull(context.Background(), p, f.ref)
-	wantKind(t, err, puller.ErrUnavailable, f.ref.Original, "sent nothing for 500ms", "retried")
+	wantKind(t, err, errdefs.ErrUnavailable, f.ref.Original, "sent nothing for 500ms", "retried")
 	t.Logf("cut off after %v: %v", time.Since(start), err)
 	if time.Since(start) > 20*time.Second {
 		t.Errorf("the stalled pull took %v with a 500ms idle timeout", time.Since(start))
@@ -339,7 +340,7 @@ func TestResponseHeaderTimeout(t *testing.T) {
 		ResponseHeaderTimeout: 300 * time.Millisecond, RetryBudget: 2 * time.Second})
 	start := time.Now()
 	_, err := pull(context.Background(), p, f.ref)
-	wantKind(t, err, puller.ErrUnavailable, f.ref.Original)
+	wantKind(t, err, errdefs.ErrUnavailable, f.ref.Original)
 	if took := time.Since(start); took > 20*time.Second {
 		t.Errorf("a hanging registry held the pull %v", took)
 	}
@@ -398,14 +399,14 @@ func TestRetryBudget(t *testing.T) {
 	seen := failFirst(f.reg, 1<<30, http.StatusServiceUnavailable)
 	p := puller.New(puller.Config{InsecureRegistries: []string{f.ref.Registry}, RetryBudget: 500 * time.Millisecond})
 	_, err := p.Resolve(context.Background(), f.ref, puller.Credential{})
-	wantKind(t, err, puller.ErrUnavailable, f.ref.Original, "503")
+	wantKind(t, err, errdefs.ErrUnavailable, f.ref.Original, "503")
 	if n := seen.Load(); n < 2 || n > 3 {
 		t.Errorf("%d requests in a 500ms budget (waits of 200ms, then 500ms), want 2 or 3", n)
 	}
 	// The default: oras-go's 5 retries.
 	seen.Store(0)
 	_, err = puller.New(puller.Config{InsecureRegistries: []string{f.ref.Registry}}).Resolve(context.Background(), f.ref, puller.Credential{})
-	wantKind(t, err, puller.ErrUnavailable, "503")
+	wantKind(t, err, errdefs.ErrUnavailable, "503")
 	if n := seen.Load(); n != 6 {
 		t.Errorf("%d requests with the default budget, want 6 (5 retries)", n)
 	}
@@ -438,7 +439,7 @@ func TestUnauthorizedNamesSourcesNotSecrets(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, _, err = p.ResolveWith(context.Background(), f.ref, attempts)
-	wantKind(t, err, puller.ErrUnauthorized, f.ref.Original, "secret team-a/registry-creds", "node --docker-config")
+	wantKind(t, err, errdefs.ErrUnauthorized, f.ref.Original, "secret team-a/registry-creds", "node --docker-config")
 	for _, leaked := range []string{podPass, nodePass, pass,
 		base64.StdEncoding.EncodeToString([]byte(user + ":" + podPass)),
 		base64.StdEncoding.EncodeToString([]byte(user + ":" + nodePass))} {

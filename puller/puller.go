@@ -19,6 +19,8 @@ import (
 	"oras.land/oras-go/v2/registry/remote"
 	"oras.land/oras-go/v2/registry/remote/auth"
 	"oras.land/oras-go/v2/registry/remote/errcode"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Defaults for Config's limits.
@@ -148,7 +150,7 @@ func (p *Puller) plainHTTP(registry string) bool {
 func (p *Puller) repository(ref Reference, cred Credential) (*remote.Repository, error) {
 	repo, err := remote.NewRepository(ref.Name())
 	if err != nil {
-		return nil, newError(ErrInvalidReference, ref.Original, err, "cannot use this repository name")
+		return nil, errdefs.New(errdefs.ErrInvalidReference, ref.Original, err, "cannot use this repository name")
 	}
 	repo.PlainHTTP = p.plainHTTP(ref.Registry)
 	cache := p.nodeCache
@@ -204,7 +206,7 @@ func (p *Puller) ResolveWith(ctx context.Context, ref Reference, attempts []Cred
 		if err == nil {
 			return desc, c, nil
 		}
-		if !errors.Is(err, ErrUnauthorized) {
+		if !errors.Is(err, errdefs.ErrUnauthorized) {
 			return ocispec.Descriptor{}, Credential{}, err
 		}
 		tried = append(tried, c.Source)
@@ -213,7 +215,7 @@ func (p *Puller) ResolveWith(ctx context.Context, ref Reference, attempts []Cred
 	if len(failed) > 0 {
 		var why []string
 		for _, err := range failed {
-			var pe *Error
+			var pe *errdefs.Error
 			if errors.As(err, &pe) {
 				why = append(why, pe.Msg)
 			} else {
@@ -223,13 +225,13 @@ func (p *Puller) ResolveWith(ctx context.Context, ref Reference, attempts []Cred
 		if len(tried) > 0 {
 			why = append(why, fmt.Sprintf("%s refused every other credential tried (%s)", ref.Registry, strings.Join(tried, ", ")))
 		}
-		return ocispec.Descriptor{}, Credential{}, newError(ErrUnavailable, ref.Original, nil,
+		return ocispec.Descriptor{}, Credential{}, errdefs.New(errdefs.ErrUnavailable, ref.Original, nil,
 			"%s; fix the plugin (the driver's log has its stderr) or give the pod an imagePullSecret", strings.Join(why, "; "))
 	}
 	if last == nil {
-		return ocispec.Descriptor{}, Credential{}, newError(ErrUnauthorized, ref.Original, nil, "no credentials to try")
+		return ocispec.Descriptor{}, Credential{}, errdefs.New(errdefs.ErrUnauthorized, ref.Original, nil, "no credentials to try")
 	}
-	return ocispec.Descriptor{}, Credential{}, newError(ErrUnauthorized, ref.Original, nil,
+	return ocispec.Descriptor{}, Credential{}, errdefs.New(errdefs.ErrUnauthorized, ref.Original, nil,
 		"%s refused every credential tried (%s); give the pod an imagePullSecret, or the node a credential provider or --docker-config, that the registry accepts",
 		ref.Registry, strings.Join(tried, ", "))
 }
@@ -261,14 +263,14 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 	}
 	for depth := 0; m.isIndex(desc.MediaType); depth++ {
 		if depth >= maxIndexDepth {
-			return Module{}, newError(ErrUnsupportedImage, ref.Original, nil, "image index nests more than %d levels deep", maxIndexDepth)
+			return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, nil, "image index nests more than %d levels deep", maxIndexDepth)
 		}
 		child, err := selectFromIndex(m, p.cfg.Platform)
 		if err != nil {
-			return Module{}, newError(ErrUnsupportedImage, ref.Original, err, "no Wasm entry in the image index")
+			return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, err, "no Wasm entry in the image index")
 		}
 		if child.Digest == desc.Digest {
-			return Module{}, newError(ErrUnsupportedImage, ref.Original, nil, "image index points to itself")
+			return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, nil, "image index points to itself")
 		}
 		desc = child
 		if m, err = p.fetchManifest(ctx, repo, ref, desc); err != nil {
@@ -278,12 +280,12 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 	// The config is never downloaded (the layers say where the module is),
 	// but one over the manifest cap belongs to no real image: refused.
 	if c := m.Config; c != nil && c.Size > p.cfg.MaxManifestSize {
-		return Module{}, newError(ErrTooLarge, ref.Original, nil,
+		return Module{}, errdefs.New(errdefs.ErrTooLarge, ref.Original, nil,
 			"config %s is %d bytes, over the limit of %d; an image config is a few KiB", c.Digest, c.Size, p.cfg.MaxManifestSize)
 	}
 	src, err := selectModule(m)
 	if err != nil {
-		return Module{}, newError(ErrUnsupportedImage, ref.Original, err, "not a Wasm module in a known layout")
+		return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, err, "not a Wasm module in a known layout")
 	}
 	out := Module{Manifest: desc.Digest, Layer: src.Layer.Digest, Layout: src.Layout}
 	hs := &headerSink{Sink: sink, limit: p.cfg.MaxModuleSize}
@@ -291,7 +293,7 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 		return Module{}, err
 	}
 	if !hs.valid() {
-		return Module{}, newError(ErrInvalidModule, ref.Original, nil,
+		return Module{}, errdefs.New(errdefs.ErrInvalidModule, ref.Original, nil,
 			"the module does not start with the Wasm magic and version (\\0asm 1); push a compiled .wasm binary")
 	}
 	out.Size = hs.n
@@ -300,7 +302,7 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 
 func (p *Puller) fetchManifest(ctx context.Context, repo *remote.Repository, ref Reference, desc ocispec.Descriptor) (*manifestDoc, error) {
 	if desc.Size > p.cfg.MaxManifestSize {
-		return nil, newError(ErrTooLarge, ref.Original, nil, "manifest %s is %d bytes, over the limit of %d", desc.Digest, desc.Size, p.cfg.MaxManifestSize)
+		return nil, errdefs.New(errdefs.ErrTooLarge, ref.Original, nil, "manifest %s is %d bytes, over the limit of %d", desc.Digest, desc.Size, p.cfg.MaxManifestSize)
 	}
 	rc, err := repo.Manifests().Fetch(ctx, desc)
 	if err != nil {
@@ -313,7 +315,7 @@ func (p *Puller) fetchManifest(ctx context.Context, repo *remote.Repository, ref
 	}
 	m, err := parseManifest(b)
 	if err != nil {
-		return nil, newError(ErrUnsupportedImage, ref.Original, err, "manifest %s is not valid JSON", desc.Digest)
+		return nil, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, err, "manifest %s is not valid JSON", desc.Digest)
 	}
 	return m, nil
 }
@@ -324,12 +326,12 @@ func (p *Puller) fetchManifest(ctx context.Context, repo *remote.Repository, ref
 func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Reference, src moduleSource, sink *headerSink) error {
 	layer := src.Layer
 	if !src.Tar && layer.Size > p.cfg.MaxModuleSize {
-		return newError(ErrTooLarge, ref.Original, nil, "module layer is %d bytes, over the limit of %d bytes; raise limits.maxModuleSize or shrink the module", layer.Size, p.cfg.MaxModuleSize)
+		return errdefs.New(errdefs.ErrTooLarge, ref.Original, nil, "module layer is %d bytes, over the limit of %d bytes; raise limits.maxModuleSize or shrink the module", layer.Size, p.cfg.MaxModuleSize)
 	}
 	// A tar layer may carry some overhead; a compressed one may expand.
 	maxOut := p.cfg.MaxModuleSize*2 + 16<<20
 	if src.Tar && layer.Size > maxOut {
-		return newError(ErrTooLarge, ref.Original, nil, "layer is %d bytes, over the limit of %d bytes", layer.Size, maxOut)
+		return errdefs.New(errdefs.ErrTooLarge, ref.Original, nil, "layer is %d bytes, over the limit of %d bytes", layer.Size, maxOut)
 	}
 	// The download's own context: cancelling it is what stops the
 	// read-ahead goroutine in the middle of a Read. rc is closed only once
@@ -397,7 +399,7 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 // the image's.
 func (p *Puller) tarError(ref Reference, layer ocispec.Descriptor, vr *content.VerifyReader, buf []byte, err error) error {
 	var se *sizeError
-	var pe *Error
+	var pe *errdefs.Error
 	var ske *sinkError
 	if errors.As(err, &pe) || errors.As(err, &se) || errors.As(err, &ske) || errors.Is(err, errLayerTooLarge) {
 		return p.copyError(ref, layer, err)
@@ -408,14 +410,14 @@ func (p *Puller) tarError(ref Reference, layer ocispec.Descriptor, vr *content.V
 	if verr := vr.Verify(); verr != nil {
 		return p.copyError(ref, layer, verr)
 	}
-	return newError(ErrUnsupportedImage, ref.Original, err, "cannot take the module out of layer %s", layer.Digest)
+	return errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, err, "cannot take the module out of layer %s", layer.Digest)
 }
 
 // copyError classifies a failure while a layer streamed. A sink's error is
 // returned as the sink made it.
 func (p *Puller) copyError(ref Reference, layer ocispec.Descriptor, err error) error {
 	var se *sizeError
-	var pe *Error
+	var pe *errdefs.Error
 	var ske *sinkError
 	switch {
 	case errors.As(err, &ske):
@@ -423,15 +425,15 @@ func (p *Puller) copyError(ref Reference, layer ocispec.Descriptor, err error) e
 	case errors.As(err, &pe):
 		return err
 	case errors.As(err, &se):
-		return newError(ErrTooLarge, ref.Original, nil, "%s; raise limits.maxModuleSize or shrink the module", se.Error())
+		return errdefs.New(errdefs.ErrTooLarge, ref.Original, nil, "%s; raise limits.maxModuleSize or shrink the module", se.Error())
 	case errors.Is(err, errLayerTooLarge):
-		return newError(ErrTooLarge, ref.Original, nil, "layer %s expands past %d bytes (a decompression bomb?); refused", layer.Digest, p.cfg.MaxModuleSize*2+16<<20)
+		return errdefs.New(errdefs.ErrTooLarge, ref.Original, nil, "layer %s expands past %d bytes (a decompression bomb?); refused", layer.Digest, p.cfg.MaxModuleSize*2+16<<20)
 	case errors.Is(err, content.ErrMismatchedDigest), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, content.ErrTrailingData):
-		return newError(ErrUnavailable, ref.Original, err, "layer %s did not match its digest; nothing was stored, the pull will be retried", layer.Digest)
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "layer %s did not match its digest; nothing was stored, the pull will be retried", layer.Digest)
 	case isNetworkError(err):
 		return classify(ref, err, "downloading layer "+layer.Digest.String())
 	}
-	return newError(ErrUnsupportedImage, ref.Original, err, "cannot take the module out of layer %s", layer.Digest)
+	return errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, err, "cannot take the module out of layer %s", layer.Digest)
 }
 
 func isNetworkError(err error) bool {
@@ -446,32 +448,32 @@ func classify(ref Reference, err error, doing string) error {
 	var idle *idleError
 	switch {
 	case errors.As(err, &blocked):
-		return newError(ErrBlockedAddress, ref.Original, nil, "%s", blockedMessage(ref, blocked, doing))
+		return errdefs.New(errdefs.ErrBlockedAddress, ref.Original, nil, "%s", blockedMessage(ref, blocked, doing))
 	case errors.As(err, &idle):
-		return newError(ErrUnavailable, ref.Original, nil, "%s: %s; the pull will be retried", doing, idle.Error())
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, nil, "%s: %s; the pull will be retried", doing, idle.Error())
 	case errors.Is(err, errdef.ErrNotFound):
-		return newError(ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
+		return errdefs.New(errdefs.ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
 	case errors.As(err, &resp):
 		switch {
 		case resp.StatusCode == http.StatusNotFound:
-			return newError(ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
+			return errdefs.New(errdefs.ErrNotFound, ref.Original, nil, "%s: not found in %s; check the repository, tag or digest exist", doing, ref.Registry)
 		case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
-			return newError(ErrUnauthorized, ref.Original, nil, "%s: %s answered %d; give the pod an imagePullSecret or the node a --docker-config the registry accepts", doing, ref.Registry, resp.StatusCode)
+			return errdefs.New(errdefs.ErrUnauthorized, ref.Original, nil, "%s: %s answered %d; give the pod an imagePullSecret or the node a --docker-config the registry accepts", doing, ref.Registry, resp.StatusCode)
 		case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
-			return newError(ErrUnavailable, ref.Original, nil, "%s: %s answered %d; the pull will be retried", doing, ref.Registry, resp.StatusCode)
+			return errdefs.New(errdefs.ErrUnavailable, ref.Original, nil, "%s: %s answered %d; the pull will be retried", doing, ref.Registry, resp.StatusCode)
 		}
-		return newError(ErrUnavailable, ref.Original, nil, "%s: %s answered %d %s", doing, ref.Registry, resp.StatusCode, strings.TrimSpace(http.StatusText(resp.StatusCode)))
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, nil, "%s: %s answered %d %s", doing, ref.Registry, resp.StatusCode, strings.TrimSpace(http.StatusText(resp.StatusCode)))
 	case errors.Is(err, auth.ErrBasicCredentialNotFound):
-		return newError(ErrUnauthorized, ref.Original, nil, "%s: %s asks for credentials and none were found; give the pod an imagePullSecret or the node a --docker-config", doing, ref.Registry)
+		return errdefs.New(errdefs.ErrUnauthorized, ref.Original, nil, "%s: %s asks for credentials and none were found; give the pod an imagePullSecret or the node a --docker-config", doing, ref.Registry)
 	case errors.Is(err, content.ErrMismatchedDigest), errors.Is(err, content.ErrTrailingData):
-		return newError(ErrUnavailable, ref.Original, err, "%s: the registry sent bytes that do not match their digest", doing)
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "%s: the registry sent bytes that do not match their digest", doing)
 	case errors.Is(err, context.DeadlineExceeded):
-		return newError(ErrUnavailable, ref.Original, err, "%s: %s did not answer in time", doing, ref.Registry)
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "%s: %s did not answer in time", doing, ref.Registry)
 	case errors.Is(err, context.Canceled):
-		return newError(ErrUnavailable, ref.Original, err, "%s: cancelled", doing)
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "%s: cancelled", doing)
 	case strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
 		// net/http's words; there is no error value to test for.
-		return newError(ErrUnavailable, ref.Original, err, "%s: %s answers plain HTTP, not HTTPS; if it is meant to be reached without TLS, name it with --insecure-registry=%s", doing, ref.Registry, ref.Registry)
+		return errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "%s: %s answers plain HTTP, not HTTPS; if it is meant to be reached without TLS, name it with --insecure-registry=%s", doing, ref.Registry, ref.Registry)
 	}
-	return newError(ErrUnavailable, ref.Original, err, "%s: cannot reach %s; check the registry is up and reachable from the node", doing, ref.Registry)
+	return errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "%s: cannot reach %s; check the registry is up and reachable from the node", doing, ref.Registry)
 }

@@ -7,6 +7,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"oras.land/oras-go/v2/registry"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Reference is a parsed, normalised image reference.
@@ -40,19 +42,25 @@ const (
 // ParseReference parses an image reference as users write it in a pod spec:
 // "ghcr.io/acme/filter:1.0", "...@sha256:...", an optional "oci://" prefix,
 // and Docker Hub short names ("envoyproxy/wasm", "busybox"). A reference
-// longer than the grammar allows is ErrInvalidReference, and its error
+// longer than the grammar allows is errdefs.ErrInvalidReference, and its error
 // names only the start of it.
 func ParseReference(s string) (Reference, error) {
 	orig := s
 	if len(s) > MaxReferenceLength {
-		return Reference{}, newError(ErrInvalidReference, abbreviate(orig), nil,
+		return Reference{}, errdefs.New(errdefs.ErrInvalidReference, abbreviate(orig), nil,
 			"the reference is %d bytes; an image reference is at most %d (a name of up to %d characters, a tag of up to 128, a digest)",
 			len(orig), MaxReferenceLength, MaxNameLength)
 	}
 	s = strings.TrimSpace(s)
 	s = strings.TrimPrefix(s, "oci://")
 	if s == "" {
-		return Reference{}, newError(ErrInvalidReference, orig, nil, "empty reference; set the volume attribute image to a reference like registry.example.com/repo/module:tag")
+		msg := "empty reference; set the volume attribute image to a reference like registry.example.com/repo/module:tag"
+		if orig == "" {
+			// errdefs.Error names the image only when there is one: name
+			// the empty input here, as the message always has.
+			msg = "image : " + msg
+		}
+		return Reference{}, errdefs.New(errdefs.ErrInvalidReference, orig, nil, "%s", msg)
 	}
 	s = normaliseDockerHub(s)
 	// A reference may carry both a tag and a digest ("repo:tag@sha256:..."):
@@ -71,11 +79,11 @@ func ParseReference(s string) (Reference, error) {
 		err = errors.New("empty tag or digest after the last : or @")
 	}
 	if err != nil {
-		return Reference{}, newError(ErrInvalidReference, orig, err, "cannot parse the image reference; use the form registry.example.com/repo/module:tag or @sha256:<digest>")
+		return Reference{}, errdefs.New(errdefs.ErrInvalidReference, orig, err, "cannot parse the image reference; use the form registry.example.com/repo/module:tag or @sha256:<digest>")
 	}
 	ref := Reference{Registry: r.Registry, Repository: r.Repository, Original: orig}
 	if n := len(ref.Name()); n > MaxNameLength {
-		return Reference{}, newError(ErrInvalidReference, abbreviate(orig), nil,
+		return Reference{}, errdefs.New(errdefs.ErrInvalidReference, abbreviate(orig), nil,
 			"the name %s is %d characters; the distribution grammar allows at most %d", abbreviate(ref.Name()), n, MaxNameLength)
 	}
 	if d, err := r.Digest(); err == nil {

@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 const (
@@ -186,10 +188,10 @@ func TestParseReferenceInvalid(t *testing.T) {
 			if err == nil {
 				t.Fatalf("ParseReference(%q) = %+v, want an error", in, r)
 			}
-			if !errors.Is(err, ErrInvalidReference) {
-				t.Errorf("error %v is not ErrInvalidReference", err)
+			if !errors.Is(err, errdefs.ErrInvalidReference) {
+				t.Errorf("error %v is not errdefs.ErrInvalidReference", err)
 			}
-			var pe *Error
+			var pe *errdefs.Error
 			if !errors.As(err, &pe) || pe.Image != in {
 				t.Errorf("error %#v does not carry the image %q", err, in)
 			}
@@ -231,8 +233,8 @@ func TestParseReferenceLimits(t *testing.T) {
 			t.Errorf("ParseReference(%d bytes) = %+v, want an error", len(in), r)
 			continue
 		}
-		if !errors.Is(err, ErrInvalidReference) {
-			t.Errorf("%d bytes: error %v is not ErrInvalidReference", len(in), err)
+		if !errors.Is(err, errdefs.ErrInvalidReference) {
+			t.Errorf("%d bytes: error %v is not errdefs.ErrInvalidReference", len(in), err)
 		}
 		if msg := err.Error(); len(msg) > 400 || !strings.Contains(msg, "at most") {
 			t.Errorf("%d bytes: message of %d bytes, want a short one saying the limit: %.500s", len(in), len(msg), msg)

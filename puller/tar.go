@@ -186,7 +186,7 @@ func extractFromTar(r io.Reader, sink Sink, maxModule int64, buf []byte) (string
 	return "", fmt.Errorf("the last layer holds no plugin.wasm and no *.wasm file")
 }
 
-// sizeError is a limit breach, mapped to ErrTooLarge by the caller.
+// sizeError is a limit breach, mapped to errdefs.ErrTooLarge by the caller.
 type sizeError struct {
 	what        string
 	size, limit int64

@@ -17,6 +17,7 @@ import (
 	"oras.land/oras-go/v2/registry/remote/auth"
 
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 // Defaults of Options.
@@ -190,7 +191,7 @@ func (ps *Providers) Names() []string {
 // (the plugin may answer on a retry; fixing it is the operator's). It names
 // the plugin and says why, never what the plugin printed.
 func failure(plugin, image, reason string) error {
-	return &puller.Error{Kind: puller.ErrUnavailable, Image: image,
+	return &errdefs.Error{Kind: errdefs.ErrUnavailable, Image: image,
 		Msg: fmt.Sprintf("credential provider plugin %s gave no credential: %s", plugin, reason)}
 }
 

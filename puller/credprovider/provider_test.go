@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 	"github.com/wasm-csi/wasm-csi/test/harness"
 )
 
@@ -346,7 +347,7 @@ func TestCallerGivingUpDoesNotStopTheRun(t *testing.T) {
 	}
 	cancel()
 	creds := <-done
-	if len(creds) != 1 || creds[0].Err == nil || !errors.Is(creds[0].Err, puller.ErrUnavailable) {
+	if len(creds) != 1 || creds[0].Err == nil || !errors.Is(creds[0].Err, errdefs.ErrUnavailable) {
 		t.Fatalf("cancelled caller got %+v", creds)
 	}
 	// The run finished and was cached: the next caller gets it, no new run.
@@ -386,7 +387,7 @@ func TestPluginFailures(t *testing.T) {
 				t.Fatalf("got %+v, want one failed source", creds)
 			}
 			err := creds[0].Err
-			if !errors.Is(err, puller.ErrUnavailable) {
+			if !errors.Is(err, errdefs.ErrUnavailable) {
 				t.Errorf("%v is not Unavailable", err)
 			}
 			msg := err.Error()

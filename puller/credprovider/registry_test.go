@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 	"github.com/wasm-csi/wasm-csi/test/registrytest"
 )
 
@@ -71,7 +72,7 @@ func TestPluginCredentialsOpenThePrivateRegistry(t *testing.T) {
 
 	// Without the plugin, the registry refuses the pull.
 	p := puller.New(puller.Config{InsecureRegistries: []string{host}})
-	if _, _, err := pull(p, r); !errors.Is(err, puller.ErrUnauthorized) {
+	if _, _, err := pull(p, r); !errors.Is(err, errdefs.ErrUnauthorized) {
 		t.Fatalf("without the plugin: %v, want Unauthorized", err)
 	}
 
@@ -141,7 +142,7 @@ func TestCredentialOrder(t *testing.T) {
 	// source, in order, and no password.
 	p = load("wr0ng-plugin-Pa55")
 	_, _, err = pull(p, r, wrongSecret)
-	if !errors.Is(err, puller.ErrUnauthorized) {
+	if !errors.Is(err, errdefs.ErrUnauthorized) {
 		t.Fatalf("all refused: %v, want Unauthorized", err)
 	}
 	if !strings.Contains(err.Error(), "(secret team-a/wrong, credential provider acme-plugin, node --docker-config)") {
@@ -173,7 +174,7 @@ func TestFailingPlugin(t *testing.T) {
 		t.Fatalf("public image with a failing plugin: %+v %v", cred, err)
 	}
 	_, _, err := pull(p, r)
-	if !errors.Is(err, puller.ErrUnavailable) {
+	if !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("%v, want Unavailable", err)
 	}
 	for _, want := range []string{r.Original, "credential provider plugin acme-plugin gave no credential: its stdout is not a JSON object",
