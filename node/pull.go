@@ -8,6 +8,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
@@ -235,7 +236,7 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 	d, err := w.Commit(func(path string) error {
 		s.validate <- struct{}{}
 		defer func() { <-s.validate }()
-		return ValidateModuleFile(path, st.validation)
+		return wasmcheck.CheckFile(path, st.validation)
 	})
 	if err != nil {
 		return RefRecord{}, withImage(err, ref.Original)

@@ -9,6 +9,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
+
+	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 )
 
 // ReconcileResult says what reconcile found at start.
@@ -143,7 +145,7 @@ func (s *Service) checkBlobs(res *ReconcileResult) error {
 			continue
 		}
 		bad := ""
-		if fi.Size() < wasmHeaderSize {
+		if fi.Size() < wasmcheck.HeaderSize {
 			bad = "shorter than a Wasm header"
 		}
 		for _, n := range sizes[d] {

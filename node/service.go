@@ -13,6 +13,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/wasm-csi/wasm-csi/node/config"
+	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
@@ -97,7 +99,7 @@ type Config struct {
 // settings are what the config file can change while the daemon runs.
 type settings struct {
 	puller     Puller
-	validation ValidationMode
+	validation wasmcheck.Mode
 	gc         GCPolicy
 	prePull    []string
 }
@@ -145,7 +147,7 @@ func NewService(cfg Config, store *Store, m *Mounter, log *slog.Logger) (*Servic
 	if _, err := s.reconcile(); err != nil {
 		return nil, err
 	}
-	if err := s.Reconfigure(FileConfig{}); err != nil {
+	if err := s.Reconfigure(config.FileConfig{}); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -154,7 +156,7 @@ func NewService(cfg Config, store *Store, m *Mounter, log *slog.Logger) (*Servic
 // Reconfigure applies a config file: registries, limits, validation and
 // the pre-pull list take effect for the next pull; pulls in flight finish
 // with the settings they started with.
-func (s *Service) Reconfigure(fc FileConfig) error {
+func (s *Service) Reconfigure(fc config.FileConfig) error {
 	if err := fc.Validate(); err != nil {
 		return err
 	}
@@ -169,7 +171,7 @@ func (s *Service) Reconfigure(fc FileConfig) error {
 	if q := fc.Limits.MaxModuleSize; q != nil {
 		pc.MaxModuleSize = q.Value()
 	}
-	mode, err := ParseValidationMode(fc.Validation)
+	mode, err := wasmcheck.ParseMode(fc.Validation)
 	if err != nil {
 		return err
 	}

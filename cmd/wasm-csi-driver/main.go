@@ -26,6 +26,7 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/csi"
 	"github.com/wasm-csi/wasm-csi/node"
+	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/credprovider"
 )
@@ -212,7 +213,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	if cfg.ConfigFile != "" {
-		w := &node.ConfigWatcher{Path: cfg.ConfigFile, Log: log, Apply: func(fc node.FileConfig) {
+		w := &config.Watcher{Path: cfg.ConfigFile, Log: log, Apply: func(fc config.FileConfig) {
 			if err := svc.Reconfigure(fc); err != nil {
 				log.Error("config not applied", "path", cfg.ConfigFile, "err", err)
 			}

@@ -26,6 +26,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/test/harness"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -877,7 +878,7 @@ func TestConfigMap(t *testing.T) {
 	if !ok {
 		t.Fatalf("--config=%s: ConfigMap %s has no key %q", cfgPath, cm.Name, key)
 	}
-	fc, err := node.ParseFileConfig([]byte(data))
+	fc, err := config.ParseFileConfig([]byte(data))
 	if err != nil {
 		t.Fatalf("ConfigMap %s key %s is refused by the driver's config parser: %v", cm.Name, key, err)
 	}

@@ -1,4 +1,13 @@
-package node
+// Package config reads the driver's --config file: registries (insecure,
+// mirrors, blocked networks), limits, validation and the pre-pull list, and
+// watches it for changes (including kubelet's ConfigMap symlink swap).
+//
+// It owns: the file's schema, its strict parsing and the checks of its
+// values, and the watcher that re-reads it.
+//
+// It must not: apply a config (its Apply callback, the Service's
+// Reconfigure, does), reach a registry or touch the store.
+package config
 
 import (
 	"bytes"
@@ -17,6 +26,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
 
+	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 )
 
@@ -121,10 +131,8 @@ func (c FileConfig) Validate() error {
 	if _, err := c.UnusedModuleAge(); err != nil {
 		errs = append(errs, err)
 	}
-	switch c.Validation {
-	case "", "proxy-wasm", "wasm", "none":
-	default:
-		errs = append(errs, fmt.Errorf("validation %q is not proxy-wasm, wasm or none", c.Validation))
+	if _, err := wasmcheck.ParseMode(c.Validation); err != nil {
+		errs = append(errs, fmt.Errorf("validation: %w", err))
 	}
 	for i, p := range c.PrePull {
 		if _, err := puller.ParseReference(p.Image); err != nil {
@@ -162,10 +170,10 @@ func checkHost(h string) error {
 	return nil
 }
 
-// ConfigWatcher re-reads the config file when it changes, including the
+// Watcher re-reads the config file when it changes, including the
 // atomic "..data" symlink swap kubelet uses for ConfigMap volumes. A file
 // that fails to parse keeps the last good config and is logged with why.
-type ConfigWatcher struct {
+type Watcher struct {
 	Path  string
 	Log   *slog.Logger
 	Apply func(FileConfig)
@@ -177,7 +185,7 @@ type ConfigWatcher struct {
 
 // Load reads the file once and applies it. A missing file applies the
 // defaults; a bad file is an error and applies nothing.
-func (w *ConfigWatcher) Load() error {
+func (w *Watcher) Load() error {
 	data, err := os.ReadFile(w.Path)
 	if errors.Is(err, os.ErrNotExist) {
 		w.Log.Warn("config file not found; using defaults until it appears", "path", w.Path)
@@ -204,7 +212,7 @@ func (w *ConfigWatcher) Load() error {
 
 // Run watches the file's directory until ctx ends. It watches the
 // directory, not the file, so renames and symlink swaps are seen.
-func (w *ConfigWatcher) Run(ctx context.Context) error {
+func (w *Watcher) Run(ctx context.Context) error {
 	if w.Debounce <= 0 {
 		w.Debounce = 200 * time.Millisecond
 	}

@@ -1,4 +1,4 @@
-package node
+package wasmcheck
 
 import (
 	"bytes"
@@ -21,17 +21,17 @@ import (
 	"github.com/wasm-csi/wasm-csi/test/wasmgen"
 )
 
-var allModes = []ValidationMode{ValidateNone, ValidateWasm, ValidateProxyWasm}
+var allModes = []Mode{None, Wasm, ProxyWasm}
 
 // verdict is what each mode must say about a module: "" passes, anything
 // else is a refusal whose message contains every "|"-separated part.
 type verdict struct{ none, wasm, proxy string }
 
-func (v verdict) of(mode ValidationMode) string {
+func (v verdict) of(mode Mode) string {
 	switch mode {
-	case ValidateNone:
+	case None:
 		return v.none
-	case ValidateWasm:
+	case Wasm:
 		return v.wasm
 	}
 	return v.proxy
@@ -65,8 +65,8 @@ func checkVerdict(t *testing.T, path string, want verdict) {
 func checkVerdictChunked(t *testing.T, path string, want verdict, chunk int) {
 	t.Helper()
 	for _, mode := range allModes {
-		err := ValidateModuleFile(path, mode)
-		if chunked := validateModuleFile(path, mode, chunk); errString(chunked) != errString(err) {
+		err := CheckFile(path, mode)
+		if chunked := checkFile(path, mode, chunk); errString(chunked) != errString(err) {
 			t.Errorf("mode %s: chunked validation says %v, unchunked %v", mode, chunked, err)
 		}
 		wantMsg := want.of(mode)
@@ -176,7 +176,7 @@ func TestValidateGeneratedModules(t *testing.T) {
 }
 
 func TestValidateCommittedPlugin(t *testing.T) {
-	checkVerdict(t, filepath.Join("..", "test", "testdata", "plugin.wasm"), passAll)
+	checkVerdict(t, filepath.Join("..", "..", "test", "testdata", "plugin.wasm"), passAll)
 }
 
 func TestValidateTooManyProblems(t *testing.T) {
@@ -184,7 +184,7 @@ func TestValidateTooManyProblems(t *testing.T) {
 	for _, name := range []string{"a", "b", "c", "d", "e", "f", "g"} {
 		imports = append(imports, wasmgen.Import{Module: "env", Name: name})
 	}
-	err := ValidateModuleFile(writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{Imports: imports})), ValidateProxyWasm)
+	err := CheckFile(writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{Imports: imports})), ProxyWasm)
 	if err == nil || !strings.Contains(err.Error(), "env.e") || strings.Contains(err.Error(), "env.f,") ||
 		!strings.Contains(err.Error(), "and 2 more problems") {
 		t.Errorf("got %v, want the first 5 problems and a count of the others", err)
@@ -390,7 +390,7 @@ func TestValidatePaddedModule(t *testing.T) {
 	}
 	checkVerdict(t, path, passAll)
 	for _, mode := range allModes {
-		if alloc := allocated(t, func() error { return ValidateModuleFile(path, mode) }); alloc > 2<<20 {
+		if alloc := allocated(t, func() error { return CheckFile(path, mode) }); alloc > 2<<20 {
 			t.Errorf("mode %s: validating a %d MiB module allocated %d KiB", mode, size>>20, alloc>>10)
 		}
 	}
@@ -402,7 +402,7 @@ func TestValidateHugeMemory(t *testing.T) {
 	for _, pages := range []uint32{16384, 65536} {
 		path := writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{MinMemoryPages: pages}))
 		for _, mode := range allModes {
-			alloc := allocated(t, func() error { ValidateModuleFile(path, mode); return nil })
+			alloc := allocated(t, func() error { CheckFile(path, mode); return nil })
 			if alloc > 2<<20 {
 				t.Errorf("%d pages, mode %s: validation allocated %d MiB", pages, mode, alloc>>20)
 			}
@@ -431,7 +431,7 @@ func TestValidateNoneReadsHeaderOnly(t *testing.T) {
 		t.Skipf("mkfifo: %v", err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- ValidateModuleFile(path, ValidateNone) }()
+	go func() { done <- CheckFile(path, None) }()
 	w, err := os.OpenFile(path, os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -456,32 +456,32 @@ func TestValidateNoneReadsHeaderOnly(t *testing.T) {
 
 func TestValidateErrors(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "missing.wasm")
-	if err := ValidateModuleFile(missing, ValidateNone); !errors.Is(err, errdefs.ErrInternal) || errors.Is(err, errdefs.ErrInvalidModule) {
+	if err := CheckFile(missing, None); !errors.Is(err, errdefs.ErrInternal) || errors.Is(err, errdefs.ErrInvalidModule) {
 		t.Errorf("missing file: got %v, want errdefs.ErrInternal", err)
 	}
 	sample := writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{}))
-	if err := ValidateModuleFile(sample, "bogus"); !errors.Is(err, errdefs.ErrInternal) {
+	if err := CheckFile(sample, "bogus"); !errors.Is(err, errdefs.ErrInternal) {
 		t.Errorf("mode bogus: got %v, want errdefs.ErrInternal", err)
 	}
-	if err := ValidateModuleFile(sample, ""); err != nil {
+	if err := CheckFile(sample, ""); err != nil {
 		t.Errorf("mode \"\" (proxy-wasm): %v", err)
 	}
-	if err := ValidateModuleFile(writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{OmitABIExport: true})), ""); !errors.Is(err, errdefs.ErrInvalidModule) {
+	if err := CheckFile(writeModule(t, wasmgen.ProxyWasm(wasmgen.Options{OmitABIExport: true})), ""); !errors.Is(err, errdefs.ErrInvalidModule) {
 		t.Errorf("mode \"\" is not proxy-wasm: %v", err)
 	}
 }
 
-func TestParseValidationMode(t *testing.T) {
-	for in, want := range map[string]ValidationMode{
-		"": ValidateProxyWasm, "proxy-wasm": ValidateProxyWasm, "wasm": ValidateWasm, "none": ValidateNone, " wasm ": ValidateWasm,
+func TestParseMode(t *testing.T) {
+	for in, want := range map[string]Mode{
+		"": ProxyWasm, "proxy-wasm": ProxyWasm, "wasm": Wasm, "none": None, " wasm ": Wasm,
 	} {
-		if got, err := ParseValidationMode(in); got != want || err != nil {
-			t.Errorf("ParseValidationMode(%q) = %q, %v; want %q", in, got, err, want)
+		if got, err := ParseMode(in); got != want || err != nil {
+			t.Errorf("ParseMode(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
 	for _, in := range []string{"bogus", "Wasm", "proxy_wasm", "off"} {
-		if got, err := ParseValidationMode(in); err == nil || !strings.Contains(err.Error(), "proxy-wasm") {
-			t.Errorf("ParseValidationMode(%q) = %q, %v; want an error listing the modes", in, got, err)
+		if got, err := ParseMode(in); err == nil || !strings.Contains(err.Error(), "proxy-wasm") {
+			t.Errorf("ParseMode(%q) = %q, %v; want an error listing the modes", in, got, err)
 		}
 	}
 }

@@ -1,4 +1,15 @@
-package node
+// Package wasmcheck decides whether a stored module may be served: the Wasm
+// header, decoding and validation as WebAssembly (wazero, interpreter only,
+// never instantiated), and the proxy-wasm rules Envoy applies when it loads a
+// module (ABI version export, allocator, the host functions Envoy provides,
+// memory limits), kept here as data.
+//
+// It owns: the validation modes and reading a module file for them.
+//
+// It must not: write, rename or delete files (the store commits a module
+// only after CheckFile accepts it), know the store's layout, or bound its
+// own concurrency (its caller holds the validation slots).
+package wasmcheck
 
 import (
 	"bufio"
@@ -18,32 +29,32 @@ import (
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
-// ValidationMode is the config's validation setting.
-type ValidationMode string
+// Mode is the config's validation setting.
+type Mode string
 
 // Validation modes, from the strictest (the default) to the loosest.
 const (
-	// ValidateProxyWasm: everything ValidateWasm checks, and the module must
-	// be one Envoy will start (see ValidateModuleFile).
-	ValidateProxyWasm ValidationMode = "proxy-wasm"
-	// ValidateWasm: the header, and the module decodes and validates as
+	// ProxyWasm: everything Wasm checks, and the module must
+	// be one Envoy will start (see CheckFile).
+	ProxyWasm Mode = "proxy-wasm"
+	// Wasm: the header, and the module decodes and validates as
 	// WebAssembly.
-	ValidateWasm ValidationMode = "wasm"
-	// ValidateNone: only the Wasm magic and version header.
-	ValidateNone ValidationMode = "none"
+	Wasm Mode = "wasm"
+	// None: only the Wasm magic and version header.
+	None Mode = "none"
 )
 
-// ParseValidationMode parses the config's validation setting; "" is the
-// default, ValidateProxyWasm.
-func ParseValidationMode(s string) (ValidationMode, error) {
-	switch m := ValidationMode(strings.TrimSpace(s)); m {
+// ParseMode parses the config's validation setting; "" is the
+// default, ProxyWasm.
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(strings.TrimSpace(s)); m {
 	case "":
-		return ValidateProxyWasm, nil
-	case ValidateProxyWasm, ValidateWasm, ValidateNone:
+		return ProxyWasm, nil
+	case ProxyWasm, Wasm, None:
 		return m, nil
 	default:
 		return "", fmt.Errorf("unknown validation mode %q: use %q (the default), %q or %q",
-			s, ValidateProxyWasm, ValidateWasm, ValidateNone)
+			s, ProxyWasm, Wasm, None)
 	}
 }
 
@@ -76,7 +87,7 @@ func validationConfig() wazero.RuntimeConfig {
 		WithCustomSections(false)
 }
 
-// ValidateModuleFile checks the module file at path under mode. A refusal
+// CheckFile checks the module file at path under mode. A refusal
 // is a *errdefs.Error with Kind errdefs.ErrInvalidModule whose Msg says which rule broke and
 // what to do (its Image is empty: the caller knows the image and sets it).
 // A file that cannot be read is a *errdefs.Error with Kind errdefs.ErrInternal.
@@ -84,10 +95,10 @@ func validationConfig() wazero.RuntimeConfig {
 // The rules:
 //   - every mode: the file starts with the Wasm magic and version 1
 //     (\0asm 01 00 00 00);
-//   - ValidateWasm and ValidateProxyWasm: the module decodes and validates
+//   - Wasm and ProxyWasm: the module decodes and validates
 //     as WebAssembly with the features in validationConfig, and its initial
 //     memory is at most Envoy's 1 GiB;
-//   - ValidateProxyWasm: as Envoy (proxy-wasm-cpp-host) loads a module, it
+//   - ProxyWasm: as Envoy (proxy-wasm-cpp-host) loads a module, it
 //     exports a proxy_abi_version_* function of an ABI version Envoy
 //     implements (0_1_0, 0_2_0, 0_2_1; the first one in export order
 //     decides, as in Envoy), exports its memory (or imports one), exports
@@ -96,7 +107,7 @@ func validationConfig() wazero.RuntimeConfig {
 //     version, with the same type (see envHostFunctions). Memory and table
 //     imports are allowed: Envoy's V8 creates them.
 //
-// Memory: ValidateNone reads the first 8 bytes only. The other modes need
+// Memory: None reads the first 8 bytes only. The other modes need
 // the module's bytes in memory, because wazero decodes only from a []byte
 // (Runtime.CompileModule; it cannot read an io.Reader). Custom sections
 // (DWARF debug info, producers, padding: often most of a module) are
@@ -109,14 +120,14 @@ func validationConfig() wazero.RuntimeConfig {
 // slack (measured: 58 MiB of heap for a module of 13 MiB of code, 35 KiB for
 // a small module padded to 64 MiB). All of it is garbage once this
 // returns; the Service bounds how many validations run at once.
-func ValidateModuleFile(path string, mode ValidationMode) error {
-	return validateModuleFile(path, mode, chunkBytes)
+func CheckFile(path string, mode Mode) error {
+	return checkFile(path, mode, chunkBytes)
 }
 
-// validateModuleFile is ValidateModuleFile compiling about chunk bytes of
+// checkFile is CheckFile compiling about chunk bytes of
 // function bodies at once (see compileModule).
-func validateModuleFile(path string, mode ValidationMode, chunk int) error {
-	mode, err := ParseValidationMode(string(mode))
+func checkFile(path string, mode Mode, chunk int) error {
+	mode, err := ParseMode(string(mode))
 	if err != nil {
 		return errdefs.New(errdefs.ErrInternal, "", err, "validate module")
 	}
@@ -128,7 +139,7 @@ func validateModuleFile(path string, mode ValidationMode, chunk int) error {
 	if err := checkWasmHeader(f); err != nil {
 		return err
 	}
-	if mode == ValidateNone {
+	if mode == None {
 		return nil
 	}
 
@@ -148,13 +159,13 @@ func validateModuleFile(path string, mode ValidationMode, chunk int) error {
 		return refuse("is not valid WebAssembly: %v: rebuild it, for WebAssembly 2.0 without threads, tail calls or exception handling, which this check does not accept (or have the operator set validation: none)", err)
 	}
 	defer cm.Close(ctx)
-	if mode == ValidateWasm {
+	if mode == Wasm {
 		return nil
 	}
 	return checkProxyWasm(cm, code)
 }
 
-// chunkBytes is about how many bytes of function bodies ValidateModuleFile
+// chunkBytes is about how many bytes of function bodies CheckFile
 // has wazero compile at once (see compileModule). Measured on a module of
 // 13 MiB of code: 256 KiB chunks peak at 58 MiB of heap in 1.1 s; 1 MiB
 // chunks at 104 MiB in 0.9 s; the whole module at once at 500 MiB in 2.9 s.
@@ -214,7 +225,7 @@ type codeLayout struct {
 // parseCodeLayout finds the code section of code and its entries; ok is
 // false if there is none or it is malformed (then wazero reports it).
 func parseCodeLayout(code []byte) (l codeLayout, ok bool) {
-	r := &byteReader{b: code, i: wasmHeaderSize}
+	r := &byteReader{b: code, i: HeaderSize}
 	for r.i < len(r.b) {
 		start := r.i
 		id := r.byte()
@@ -280,12 +291,13 @@ func refuse(format string, args ...any) *errdefs.Error {
 	return errdefs.New(errdefs.ErrInvalidModule, "", nil, "module "+format, args...)
 }
 
-const wasmHeaderSize = 8
+// HeaderSize is the length of the Wasm header: the magic and the version.
+const HeaderSize = 8
 
 // checkWasmHeader reads the first 8 bytes of f and checks they are the Wasm
 // magic and version 1.
 func checkWasmHeader(f *os.File) error {
-	var h [wasmHeaderSize]byte
+	var h [HeaderSize]byte
 	n, err := io.ReadFull(f, h[:])
 	switch {
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
@@ -317,8 +329,8 @@ func readWasmSections(f *os.File) ([]byte, error) {
 		return nil, errdefs.New(errdefs.ErrInternal, "", err, "read module for validation")
 	}
 	s := &sectionScanner{f: f, size: fi.Size()}
-	s.seek(wasmHeaderSize)
-	keep := []span{{0, wasmHeaderSize}}
+	s.seek(HeaderSize)
+	keep := []span{{0, HeaderSize}}
 	for s.off < s.size {
 		start := s.off
 		id, err := s.readByte()
@@ -804,7 +816,7 @@ type wasmExport struct {
 // choice of ABI depends on their order, and wazero does not list imported
 // globals). code has been validated by wazero already.
 func parseImportsExports(code []byte) ([]wasmImport, []wasmExport, error) {
-	r := &byteReader{b: code, i: wasmHeaderSize}
+	r := &byteReader{b: code, i: HeaderSize}
 	var imports []wasmImport
 	var exports []wasmExport
 	for r.i < len(r.b) {

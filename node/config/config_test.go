@@ -1,4 +1,4 @@
-package node
+package config
 
 import (
 	"context"
@@ -63,7 +63,7 @@ prePull:
 	}
 }
 
-// applied collects what a ConfigWatcher applies.
+// applied collects what a Watcher applies.
 type applied struct {
 	mu   sync.Mutex
 	cfgs []FileConfig
@@ -124,7 +124,7 @@ func TestConfigWatcherConfigMapSwap(t *testing.T) {
 		return logs.Write(p)
 	}), nil))
 	a := &applied{}
-	w := &ConfigWatcher{Path: filepath.Join(dir, "config.yaml"), Log: log, Apply: a.apply, Debounce: 50 * time.Millisecond}
+	w := &Watcher{Path: filepath.Join(dir, "config.yaml"), Log: log, Apply: a.apply, Debounce: 50 * time.Millisecond}
 	if err := w.Load(); err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestConfigWatcherConfigMapSwap(t *testing.T) {
 
 func TestConfigWatcherMissingFile(t *testing.T) {
 	a := &applied{}
-	w := &ConfigWatcher{Path: filepath.Join(t.TempDir(), "absent.yaml"), Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Apply: a.apply}
+	w := &Watcher{Path: filepath.Join(t.TempDir(), "absent.yaml"), Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Apply: a.apply}
 	if err := w.Load(); err != nil {
 		t.Fatal(err)
 	}
