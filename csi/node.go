@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/wasm-csi/wasm-csi/node"
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 )
 
@@ -141,7 +142,7 @@ func ParsePublishRequest(r *csipb.NodePublishVolumeRequest) (node.PublishRequest
 		req.SHA256 = d
 	}
 	if name, ok := attrs[AttrFileName]; ok {
-		if err := node.CheckFileName(name); err != nil {
+		if err := store.CheckFileName(name); err != nil {
 			return node.PublishRequest{}, invalid("image %s: fileName %q %s; use a plain name like header.wasm", imageAttr, name, err)
 		}
 		req.FileName = name

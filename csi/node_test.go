@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/wasm-csi/wasm-csi/node"
+	"github.com/wasm-csi/wasm-csi/node/store"
 )
 
 const (
@@ -258,10 +259,10 @@ func TestParsePublishRequestFileName(t *testing.T) {
 }
 
 func TestCheckFileName(t *testing.T) {
-	if err := node.CheckFileName("plugin.wasm"); err != nil {
+	if err := store.CheckFileName("plugin.wasm"); err != nil {
 		t.Errorf("plugin.wasm: %v", err)
 	}
-	if err := node.CheckFileName(""); err == nil || err.Error() != "is empty" {
+	if err := store.CheckFileName(""); err == nil || err.Error() != "is empty" {
 		t.Errorf(`"": %v`, err)
 	}
 }

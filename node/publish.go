@@ -8,6 +8,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
@@ -15,7 +16,7 @@ import (
 // req.FileName, read-only. It is idempotent and undoes partial work on failure.
 func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	start := time.Now()
-	defer func() { s.cfg.Metrics.published(err, time.Since(start)) }()
+	defer func() { s.cfg.Metrics.Published(err, time.Since(start)) }()
 	unlock := s.locks.Lock(req.VolumeID)
 	defer unlock()
 	image := req.Image.Original
@@ -47,7 +48,7 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 			return err
 		}
 		module, manifest = ref.Module, ref.Manifest
-		s.cfg.Metrics.cacheLookup(cached)
+		s.cfg.Metrics.CacheLookup(cached)
 		s.log.Info("module resolved", "image", image, "digest", module, "manifest", manifest, "cached", cached, "policy", req.PullPolicy)
 		// Count this volume's use before anything else, under the lock the
 		// collector takes: from here on the module cannot be removed.
@@ -75,7 +76,7 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	if err := s.mounter.MountReadOnlyView(dir, s.store.EmptyDir(), view); err != nil {
 		return errdefs.New(errdefs.ErrInternal, image, err, "mounting the module's read-only view")
 	}
-	rec = VolumeRecord{
+	rec = store.VolumeRecord{
 		VolumeID: req.VolumeID, TargetPath: req.TargetPath, Image: image,
 		PullPolicy: string(req.PullPolicy), SHA256: string(req.SHA256), FileName: req.FileName,
 		Module: module, Manifest: manifest,

@@ -8,6 +8,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
@@ -44,7 +45,7 @@ func (s *Service) accessFor(ctx context.Context, req PublishRequest) access {
 // resolve finds the module for req under its pull policy, pulling if needed,
 // and records image events on the pod. cached is true when no download was
 // made.
-func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, bool, error) {
+func (s *Service) resolve(ctx context.Context, req PublishRequest) (store.RefRecord, bool, error) {
 	start := time.Now()
 	// The pod's pull secrets are read from the API only when a pull or an
 	// access check needs them: a cached public module needs neither.
@@ -70,13 +71,13 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (RefRecord, b
 	return rec, cached, err
 }
 
-func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func() access) (RefRecord, bool, error) {
+func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func() access) (store.RefRecord, bool, error) {
 	key := req.Image.String()
 	switch req.PullPolicy {
 	case PullNever:
 		rec, ok := s.store.GetRef(key)
 		if !ok {
-			return RefRecord{}, false, errdefs.New(errdefs.ErrNotPresent, req.Image.Original, nil,
+			return store.RefRecord{}, false, errdefs.New(errdefs.ErrNotPresent, req.Image.Original, nil,
 				"pullPolicy is Never and the module is not on this node; pre-pull it or use IfNotPresent")
 		}
 		return rec, true, s.checkAccess(ctx, req.Image, rec, accessOf)
@@ -91,13 +92,13 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 	}
 	rec, cached, leader, err := s.pull(ctx, req.Image, acc)
 	if err != nil {
-		return RefRecord{}, false, err
+		return store.RefRecord{}, false, err
 	}
 	if leader != acc.key {
 		// Another publish's pull, joined: its credentials proved nothing
 		// about this pod's.
 		if err := s.checkAccess(ctx, req.Image, rec, accessOf); err != nil {
-			return RefRecord{}, false, err
+			return store.RefRecord{}, false, err
 		}
 	}
 	return rec, cached, nil
@@ -107,7 +108,7 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 // pod's pull secret fetched it, unless this pod's credentials (or the
 // node's, or none) get the same manifest from the registry: Kubernetes'
 // "ensure secret pulled images" rule. Public modules need no check.
-func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec RefRecord, accessOf func() access) error {
+func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec store.RefRecord, accessOf func() access) error {
 	if !rec.Private {
 		return nil
 	}
@@ -129,7 +130,7 @@ func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec Ref
 }
 
 type pullResult struct {
-	rec    RefRecord
+	rec    store.RefRecord
 	cached bool
 	leader string
 }
@@ -137,7 +138,7 @@ type pullResult struct {
 // pull runs one pull per reference at a time. The pull runs on a context of
 // its own, so it outlives a caller that gives up; the caller's retry joins
 // it. leader names the credentials the pull ran with.
-func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, string, error) {
+func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (store.RefRecord, bool, string, error) {
 	ch := s.flight.DoChan(ref.String(), func() (any, error) {
 		// An image that keeps failing is not asked for again before its
 		// damping window ends (damping.go).
@@ -153,17 +154,17 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (R
 	select {
 	case r := <-ch:
 		if r.Err != nil {
-			return RefRecord{}, false, "", r.Err
+			return store.RefRecord{}, false, "", r.Err
 		}
 		pr := r.Val.(pullResult)
 		return pr.rec, pr.cached, pr.leader, nil
 	case <-ctx.Done():
-		return RefRecord{}, false, "", errdefs.New(errdefs.ErrPullPending, ref.Original, ctx.Err(),
+		return store.RefRecord{}, false, "", errdefs.New(errdefs.ErrPullPending, ref.Original, ctx.Err(),
 			"the pull is still in progress and goes on in the background; the retry will use it")
 	}
 }
 
-func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) (RefRecord, bool, error) {
+func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) (store.RefRecord, bool, error) {
 	st := s.cur.Load()
 	var lastErr error
 	for _, src := range st.puller.Sources(ref) {
@@ -179,21 +180,21 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) 
 			break
 		}
 	}
-	return RefRecord{}, false, lastErr
+	return store.RefRecord{}, false, lastErr
 }
 
 // pullFrom resolves and, unless its manifest is already stored, downloads
 // ref from src (the registry or one of its mirrors). Records are kept under
 // ref's own registry name, wherever the bytes came from.
-func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference, acc access) (RefRecord, bool, error) {
+func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference, acc access) (store.RefRecord, bool, error) {
 	start := time.Now()
 	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
 	if err != nil {
-		return RefRecord{}, false, err
+		return store.RefRecord{}, false, err
 	}
 	desc, used, err := st.puller.ResolveWith(ctx, src, attempts)
 	if err != nil {
-		return RefRecord{}, false, err
+		return store.RefRecord{}, false, err
 	}
 	byDigest := ref.ByDigest(desc.Digest).String()
 	if rec, ok := s.store.GetRef(byDigest); ok {
@@ -201,16 +202,16 @@ func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Re
 		rec.Ref = ref.String()
 		if ref.Digest == "" {
 			if err := s.store.PutRef(rec); err != nil {
-				return RefRecord{}, false, withImage(err, ref.Original)
+				return store.RefRecord{}, false, withImage(err, ref.Original)
 			}
 		}
 		return rec, true, nil
 	}
 	s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", desc.Digest)
 	rec, err := s.download(ctx, st, ref, src, desc, used)
-	s.cfg.Metrics.pulled(err, rec.Size, time.Since(start))
+	s.cfg.Metrics.Pulled(err, rec.Size, time.Since(start))
 	if err != nil {
-		return RefRecord{}, false, err
+		return store.RefRecord{}, false, err
 	}
 	s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", desc.Digest,
 		"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
@@ -219,19 +220,19 @@ func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Re
 
 // download streams the module into the store, validates it and records
 // which module the reference resolved to.
-func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential) (RefRecord, error) {
+func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential) (store.RefRecord, error) {
 	w, err := s.store.NewBlobWriter()
 	if err != nil {
-		return RefRecord{}, withImage(err, ref.Original)
+		return store.RefRecord{}, withImage(err, ref.Original)
 	}
 	defer w.Abort()
 	mod, err := st.puller.Pull(ctx, src, desc, w, used)
 	if err != nil {
 		var ne *errdefs.Error
 		if errors.As(err, &ne) { // the store failed, e.g. a full disk
-			return RefRecord{}, withImage(ne, ref.Original)
+			return store.RefRecord{}, withImage(ne, ref.Original)
 		}
-		return RefRecord{}, err
+		return store.RefRecord{}, err
 	}
 	d, err := w.Commit(func(path string) error {
 		s.validate <- struct{}{}
@@ -239,18 +240,18 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 		return wasmcheck.CheckFile(path, st.validation)
 	})
 	if err != nil {
-		return RefRecord{}, withImage(err, ref.Original)
+		return store.RefRecord{}, withImage(err, ref.Original)
 	}
-	rec := RefRecord{Ref: ref.ByDigest(desc.Digest).String(), Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC(),
+	rec := store.RefRecord{Ref: ref.ByDigest(desc.Digest).String(), Manifest: desc.Digest, Module: d, Size: mod.Size, Layout: string(mod.Layout), PulledAt: time.Now().UTC(),
 		// Pulled with a pod's secret: other pods must prove their access.
 		Private: used.FromPodSecret()}
 	if err := s.store.PutRef(rec); err != nil {
-		return RefRecord{}, withImage(err, ref.Original)
+		return store.RefRecord{}, withImage(err, ref.Original)
 	}
 	if ref.Digest == "" {
 		rec.Ref = ref.String()
 		if err := s.store.PutRef(rec); err != nil {
-			return RefRecord{}, withImage(err, ref.Original)
+			return store.RefRecord{}, withImage(err, ref.Original)
 		}
 	}
 	return rec, nil

@@ -3,14 +3,7 @@ package node
 import (
 	"errors"
 	"os"
-	"path/filepath"
-	"strings"
 	"syscall"
-
-	"github.com/opencontainers/go-digest"
-	"golang.org/x/sys/unix"
-
-	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 )
 
 // ReconcileResult says what reconcile found at start.
@@ -90,7 +83,7 @@ func (s *Service) reconcile() (ReconcileResult, error) {
 			continue
 		}
 		res.Mounted++
-		fixed, err := s.mounter.ensureReadOnly(rec.TargetPath)
+		fixed, err := s.mounter.EnsureReadOnly(rec.TargetPath)
 		if err != nil {
 			log.Error("volume target is mounted writable and could not be remounted read-only", "err", err)
 			continue
@@ -100,7 +93,7 @@ func (s *Service) reconcile() (ReconcileResult, error) {
 			log.Warn("volume target was mounted without ro,nosuid,nodev (interrupted publish); remounted")
 		}
 	}
-	if err := s.checkBlobs(&res); err != nil {
+	if res.BadBlobs, res.RemovedBlobs, err = s.store.CheckBlobs(s.uses, s.log); err != nil {
 		return res, err
 	}
 	if res.Removed+res.Pending+res.Remounted+res.BadBlobs > 0 {
@@ -108,96 +101,4 @@ func (s *Service) reconcile() (ReconcileResult, error) {
 			"pending", res.Pending, "remounted", res.Remounted, "badModules", res.BadBlobs, "removedModules", res.RemovedBlobs)
 	}
 	return res, nil
-}
-
-// checkBlobs checks the size of every stored module against the Wasm
-// header's and its tag records'.
-func (s *Service) checkBlobs(res *ReconcileResult) error {
-	entries, err := os.ReadDir(s.store.blobDir())
-	if err != nil {
-		return storageError(err, "listing the store")
-	}
-	// What the tag records say of each module's size.
-	sizes := map[digest.Digest][]int64{}
-	refs, err := os.ReadDir(s.store.refDir())
-	if err != nil {
-		return storageError(err, "listing tag records")
-	}
-	for _, r := range refs {
-		if strings.HasPrefix(r.Name(), tmpPrefix) {
-			continue
-		}
-		var rec RefRecord
-		// A size of 0 is unknown, not wrong: no module is empty.
-		if readJSON(filepath.Join(s.store.refDir(), r.Name()), &rec) == nil && rec.Size > 0 {
-			sizes[rec.Module] = append(sizes[rec.Module], rec.Size)
-		}
-	}
-	for _, e := range entries {
-		name := e.Name()
-		if strings.HasPrefix(name, tmpPrefix) {
-			continue
-		}
-		d := digest.NewDigestFromEncoded(digest.SHA256, name)
-		fi, err := e.Info()
-		if d.Validate() != nil || err != nil || !fi.Mode().IsRegular() {
-			s.log.Warn("foreign file in the module store; left as it is", "path", filepath.Join(s.store.blobDir(), name))
-			continue
-		}
-		bad := ""
-		if fi.Size() < wasmcheck.HeaderSize {
-			bad = "shorter than a Wasm header"
-		}
-		for _, n := range sizes[d] {
-			if n != fi.Size() {
-				bad = "not the size its tag record says"
-			}
-		}
-		if bad == "" {
-			continue
-		}
-		res.BadBlobs++
-		log := s.log.With("digest", d, "bytes", fi.Size(), "recorded", sizes[d], "problem", bad)
-		// Before any CSI call: nothing acquires a use concurrently.
-		if s.uses.Count(d) > 0 {
-			log.Error("stored module is damaged and in use; its pods keep their mount, delete them to pull it again")
-			continue
-		}
-		if err := s.store.removeModule(d); err != nil {
-			log.Error("removing a damaged stored module", "err", err)
-			continue
-		}
-		res.RemovedBlobs++
-		log.Warn("damaged stored module removed; the next publish pulls it again")
-	}
-	return nil
-}
-
-// ensureReadOnly remounts the mount at target read-only, nosuid and nodev
-// if it is not all three, keeping the flags the kernel may lock (noexec and
-// the atime flags). It reports whether it remounted.
-func (m *Mounter) ensureReadOnly(target string) (bool, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(target, &st); err != nil {
-		return false, &os.PathError{Op: "statfs", Path: target, Err: err}
-	}
-	want := int64(unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV)
-	if st.Flags&want == want {
-		return false, nil
-	}
-	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV)
-	for _, f := range []struct{ st, ms int64 }{
-		{unix.ST_NOEXEC, unix.MS_NOEXEC},
-		{unix.ST_NOATIME, unix.MS_NOATIME},
-		{unix.ST_NODIRATIME, unix.MS_NODIRATIME},
-		{unix.ST_RELATIME, unix.MS_RELATIME},
-	} {
-		if st.Flags&f.st != 0 {
-			flags |= uintptr(f.ms)
-		}
-	}
-	if err := unix.Mount("", target, "", flags, ""); err != nil {
-		return false, &os.PathError{Op: "remount read-only", Path: target, Err: err}
-	}
-	return true, nil
 }

@@ -16,6 +16,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
+	"github.com/wasm-csi/wasm-csi/node/mount"
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 )
 
@@ -42,7 +44,7 @@ func (l *logBuffer) String() string {
 func newTestService(t *testing.T, root string) (*Service, *logBuffer) {
 	t.Helper()
 	var logs logBuffer
-	svc, err := NewService(Config{}, openStore(t, root), NewMounter(), slog.New(slog.NewTextHandler(&logs, nil)))
+	svc, err := NewService(Config{}, openStore(t, root), mount.New(), slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatalf("NewService: %v", err)
 	}
@@ -113,7 +115,7 @@ func mountFlags(t *testing.T, p string) int64 {
 
 func isMounted(t *testing.T, p string) bool {
 	t.Helper()
-	ok, err := NewMounter().IsMountPoint(p)
+	ok, err := mount.New().IsMountPoint(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,8 +145,8 @@ func TestReconcileVolumes(t *testing.T) {
 		}
 		return filepath.Join(dir, "mount")
 	}
-	record := func(id, tgt string, mod digest.Digest) VolumeRecord {
-		rec := VolumeRecord{VolumeID: id, TargetPath: tgt, Image: "reg.example/" + id + ":1", PullPolicy: string(PullIfNotPresent),
+	record := func(id, tgt string, mod digest.Digest) store.VolumeRecord {
+		rec := store.VolumeRecord{VolumeID: id, TargetPath: tgt, Image: "reg.example/" + id + ":1", PullPolicy: string(PullIfNotPresent),
 			FileName: DefaultFileName, Module: mod, PublishedAt: time.Now().UTC()}
 		if err := s.PutVolume(rec); err != nil {
 			t.Fatal(err)
@@ -172,7 +174,7 @@ func TestReconcileVolumes(t *testing.T) {
 		t.Fatal(err)
 	}
 	unmountAtEnd(t, healthy.TargetPath)
-	if err := NewMounter().BindReadOnly(view, healthy.TargetPath); err != nil {
+	if err := mount.New().BindReadOnly(view, healthy.TargetPath); err != nil {
 		t.Fatal(err)
 	}
 	// Writable: the crash came between the bind mount and its read-only
@@ -211,12 +213,12 @@ func TestReconcileVolumes(t *testing.T) {
 		t.Errorf("second reconcile: %+v, want nothing to do over 3 records (2 mounted, 1 pending)", res)
 	}
 
-	for _, rec := range []VolumeRecord{gone1, gone2, gone3} {
+	for _, rec := range []store.VolumeRecord{gone1, gone2, gone3} {
 		if _, ok, err := s.GetVolume(rec.VolumeID, rec.TargetPath); err != nil || ok {
 			t.Errorf("record of %s (target gone) still there (err %v)", rec.VolumeID, err)
 		}
 	}
-	for _, rec := range []VolumeRecord{pending, healthy, writable} {
+	for _, rec := range []store.VolumeRecord{pending, healthy, writable} {
 		if _, ok, err := s.GetVolume(rec.VolumeID, rec.TargetPath); err != nil || !ok {
 			t.Errorf("record of %s was removed (err %v)", rec.VolumeID, err)
 		}
@@ -240,7 +242,7 @@ func TestReconcileVolumes(t *testing.T) {
 		t.Errorf("the pending volume was not logged:\n%s", logs)
 	}
 	// Our mounts serve the module, read-only.
-	for _, rec := range []VolumeRecord{healthy, writable} {
+	for _, rec := range []store.VolumeRecord{healthy, writable} {
 		if got := mustRead(t, filepath.Join(rec.TargetPath, DefaultFileName)); !bytes.Equal(got, wasmBody("a")) {
 			t.Errorf("%s serves %q", rec.VolumeID, got)
 		}
@@ -279,7 +281,7 @@ func TestReconcileVolumes(t *testing.T) {
 	if err := svc.Unpublish(context.Background(), gone1.VolumeID, gone1.TargetPath); err != nil {
 		t.Errorf("unpublish of a forgotten volume: %v", err)
 	}
-	for _, rec := range []VolumeRecord{pending, healthy, writable} {
+	for _, rec := range []store.VolumeRecord{pending, healthy, writable} {
 		if err := svc.Unpublish(context.Background(), rec.VolumeID, rec.TargetPath); err != nil {
 			t.Fatalf("unpublish %s: %v", rec.VolumeID, err)
 		}
@@ -299,7 +301,7 @@ func TestReconcileBlobs(t *testing.T) {
 	root := t.TempDir()
 	s := openStore(t, root)
 	putRef := func(name string, d digest.Digest, size int64) {
-		if err := s.PutRef(RefRecord{Ref: "reg.example/" + name + ":1", Manifest: digest.FromString(name), Module: d, Size: size}); err != nil {
+		if err := s.PutRef(store.RefRecord{Ref: "reg.example/" + name + ":1", Manifest: digest.FromString(name), Module: d, Size: size}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -315,10 +317,10 @@ func TestReconcileBlobs(t *testing.T) {
 	// Damaged and in use: kept, logged.
 	inUse := putBlob(t, s, wasmBody("inuse"))
 	putRef("inuse", inUse, 3)
-	if err := s.PutVolume(VolumeRecord{VolumeID: "v", TargetPath: t.TempDir(), Module: inUse, FileName: DefaultFileName}); err != nil {
+	if err := s.PutVolume(store.VolumeRecord{VolumeID: "v", TargetPath: t.TempDir(), Module: inUse, FileName: DefaultFileName}); err != nil {
 		t.Fatal(err)
 	}
-	foreign := filepath.Join(s.blobDir(), "README")
+	foreign := filepath.Join(root, "blobs", "sha256", "README")
 	if err := os.WriteFile(foreign, []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -329,7 +331,7 @@ func TestReconcileBlobs(t *testing.T) {
 		if s.HasBlob(d) {
 			t.Errorf("damaged unused module %s kept", d)
 		}
-		if _, err := os.Stat(filepath.Join(s.viewRoot(), d.Encoded())); !errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(filepath.Join(root, "views", d.Encoded())); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("views of removed module %s: %v", d, err)
 		}
 	}

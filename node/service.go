@@ -1,3 +1,21 @@
+// Package node is the driver's work on this node: the Service that
+// publishes and unpublishes module volumes, pulls (one per reference at a
+// time, outliving a caller that gives up), checks a pod's access to a
+// module another pod's secret pulled, damps images that keep failing, and
+// reconciles its records with the host at start.
+//
+// It owns: the order of a publish (resolve, count the use, view, overlay,
+// record, bind mount) and undoing it on failure, and the settings the
+// config file changes at run time.
+//
+// It must not: read or write under the store's root except through
+// node/store, make mounts except through its Mounter, talk to the
+// Kubernetes API except through its Credentials and Events, or pick gRPC
+// codes (it returns errdefs sentinels; csi maps them).
+//
+// Its parts live in subpackages: store (on-disk state), wasmcheck (module
+// validation), mount (mounts), config (the config file), kube (pull secrets
+// and events), metrics.
 package node
 
 import (
@@ -14,6 +32,8 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
+	"github.com/wasm-csi/wasm-csi/node/metrics"
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
@@ -70,9 +90,26 @@ type Credentials interface {
 // image events do. Implementations must never block a publish.
 type Events interface {
 	Pulling(pod PodInfo, image string)
-	Pulled(pod PodInfo, image string, rec RefRecord, took time.Duration)
-	AlreadyPresent(pod PodInfo, image string, rec RefRecord)
+	Pulled(pod PodInfo, image string, rec store.RefRecord, took time.Duration)
+	AlreadyPresent(pod PodInfo, image string, rec store.RefRecord)
 	Failed(pod PodInfo, image string, err error)
+}
+
+// Mounter makes and removes the mounts pods see (package mount's Mounter
+// on a node; a fake in unit tests).
+type Mounter interface {
+	// MountReadOnlyView mounts dir over empty at at as a read-only
+	// overlay; an existing mount at at is kept.
+	MountReadOnlyView(dir, empty, at string) error
+	// BindReadOnly bind-mounts src at target read-only, nosuid, nodev.
+	BindReadOnly(src, target string) error
+	// IsMountPoint reports whether p is a mount point; a missing p is not.
+	IsMountPoint(p string) (bool, error)
+	// Unmount removes every mount on target; not mounted is success.
+	Unmount(target string) error
+	// EnsureReadOnly remounts target ro, nosuid, nodev if it is not all
+	// three, and reports whether it did.
+	EnsureReadOnly(target string) (bool, error)
 }
 
 // Config configures a Service.
@@ -85,7 +122,7 @@ type Config struct {
 	// NewPuller makes a registry client for settings (default puller.New).
 	NewPuller func(puller.Config) Puller
 	// Metrics records what the service does (nil: nothing).
-	Metrics *Metrics
+	Metrics *metrics.Metrics
 	// GCInterval is how often unused modules are collected (default 1m).
 	GCInterval time.Duration
 	// MaxConcurrentValidations bounds the memory validation takes (default 2).
@@ -100,19 +137,19 @@ type Config struct {
 type settings struct {
 	puller     Puller
 	validation wasmcheck.Mode
-	gc         GCPolicy
+	gc         store.GCPolicy
 	prePull    []string
 }
 
 // Service publishes and unpublishes module volumes on this node.
 type Service struct {
 	cfg      Config
-	store    *Store
-	mounter  *Mounter
+	store    *store.Store
+	mounter  Mounter
 	log      *slog.Logger
 	flight   singleflight.Group
 	locks    *keyedLock
-	uses     *Uses
+	uses     *store.Uses
 	cur      atomic.Pointer[settings]
 	validate chan struct{}
 	damp     *damper
@@ -124,7 +161,7 @@ type Service struct {
 
 // NewService returns a Service over an opened store, with default settings
 // until Reconfigure. Module uses are counted from the volume records on disk.
-func NewService(cfg Config, store *Store, m *Mounter, log *slog.Logger) (*Service, error) {
+func NewService(cfg Config, st *store.Store, m Mounter, log *slog.Logger) (*Service, error) {
 	if cfg.PullTimeout <= 0 {
 		cfg.PullTimeout = DefaultPullTimeout
 	}
@@ -137,11 +174,11 @@ func NewService(cfg Config, store *Store, m *Mounter, log *slog.Logger) (*Servic
 	if cfg.MaxConcurrentValidations <= 0 {
 		cfg.MaxConcurrentValidations = 2
 	}
-	uses, err := NewUses(store)
+	uses, err := store.NewUses(st)
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, store: store, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
+	s := &Service{cfg: cfg, store: st, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
 		validate: make(chan struct{}, cfg.MaxConcurrentValidations), damp: newDamper(nil)}
 	// Records of volumes kubelet cleaned up while the daemon was down.
 	if _, err := s.reconcile(); err != nil {
@@ -179,7 +216,7 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	if err != nil {
 		return err
 	}
-	gc := GCPolicy{MaxAge: age}
+	gc := store.GCPolicy{MaxAge: age}
 	if q := fc.Limits.MaxStoreSize; q != nil {
 		gc.MaxStoreBytes = q.Value()
 	}
@@ -211,18 +248,18 @@ func (s *Service) gcLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			s.CollectGarbage()
+			s.collectGarbage()
 		}
 	}
 }
 
-// CollectGarbage removes unused modules under the configured limits.
-func (s *Service) CollectGarbage() {
+// collectGarbage removes unused modules under the configured limits.
+func (s *Service) collectGarbage() {
 	policy := s.cur.Load().gc
 	if policy.MaxAge == 0 && policy.MaxStoreBytes == 0 {
 		return
 	}
-	res, err := CollectGarbage(s.store, s.uses, policy, time.Now(), s.log)
+	res, err := s.store.Collect(s.uses, policy, time.Now(), s.log)
 	if err != nil {
 		s.log.Error("garbage collection failed", "err", err)
 		return

@@ -27,6 +27,10 @@ import (
 	"github.com/wasm-csi/wasm-csi/csi"
 	"github.com/wasm-csi/wasm-csi/node"
 	"github.com/wasm-csi/wasm-csi/node/config"
+	"github.com/wasm-csi/wasm-csi/node/kube"
+	"github.com/wasm-csi/wasm-csi/node/metrics"
+	"github.com/wasm-csi/wasm-csi/node/mount"
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/credprovider"
 )
@@ -161,7 +165,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	klog.SetSlogLogger(log) // client-go logs through the same handler
 	var creds node.Credentials
 	var events node.Events
-	kcfg, inCluster, err := node.KubeConfig(cfg.Kubeconfig)
+	kcfg, inCluster, err := kube.ClientConfig(cfg.Kubeconfig)
 	switch {
 	case err != nil:
 		return fmt.Errorf("kubernetes client config: %w", err)
@@ -169,23 +173,23 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Info("no Kubernetes API: running with node credentials only (no pull secrets, no pod events)")
 	default:
 		kcfg.UserAgent = "wasm-csi/" + version
-		client, err := node.NewCoreClient(kcfg)
+		client, err := kube.NewCoreClient(kcfg)
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
-		creds = &node.KubeCredentials{Client: client, Log: log}
-		ke := node.NewKubeEvents(client, cfg.DriverName, cfg.NodeID)
+		creds = &kube.Credentials{Client: client, Log: log}
+		ke := kube.NewEvents(client, cfg.DriverName, cfg.NodeID)
 		defer ke.Shutdown()
 		events = ke
 		log.Info("using the Kubernetes API for pull secrets and pod events", "host", kcfg.Host)
 	}
-	store, err := node.OpenStore(cfg.RootDir)
+	st, err := store.Open(cfg.RootDir)
 	if err != nil {
 		return err
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics, err := node.NewMetrics(reg, store)
+	met, err := metrics.New(reg, st)
 	if err != nil {
 		return err
 	}
@@ -205,10 +209,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			CredentialProvider: provider,
 			UserAgent:          "wasm-csi/" + version,
 		},
-		Metrics:     metrics,
+		Metrics:     met,
 		Credentials: creds,
 		Events:      events,
-	}, store, node.NewMounter(), log)
+	}, st, mount.New(), log)
 	if err != nil {
 		return err
 	}
@@ -238,7 +242,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve() }()
-	checks := []func(context.Context) error{srv.Check, store.Check}
+	checks := []func(context.Context) error{srv.Check, st.Check}
 	if cfg.RegistrationDir != "" {
 		rs, err := csi.ListenRegistration(filepath.Join(cfg.RegistrationDir, csi.RegistrationSocketName(cfg.DriverName)),
 			cfg.DriverName, cfg.KubeletCSIEndpoint, log)

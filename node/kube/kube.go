@@ -1,4 +1,12 @@
-package node
+// Package kube is the driver's access to the Kubernetes API: a pod's pull
+// secrets (its imagePullSecrets, then its service account's), read with
+// `get` only, and image events on pods, sent in the background.
+//
+// It owns: the core/v1 REST client and the event broadcaster.
+//
+// It must not: log or write a secret, list or watch anything, or block a
+// publish (events are queued and dropped if the API is slow).
+package kube
 
 import (
 	"context"
@@ -16,12 +24,14 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/wasm-csi/wasm-csi/node"
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 )
 
-// KubeConfig returns the API client config: --kubeconfig if given, else
+// ClientConfig returns the API client config: --kubeconfig if given, else
 // in-cluster. ok is false when there is neither (no Kubernetes API).
-func KubeConfig(kubeconfig string) (cfg *rest.Config, ok bool, err error) {
+func ClientConfig(kubeconfig string) (cfg *rest.Config, ok bool, err error) {
 	if kubeconfig != "" {
 		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
 		return cfg, err == nil, err
@@ -94,17 +104,17 @@ func (s eventSink) Patch(e *corev1.Event, data []byte) (*corev1.Event, error) {
 	return out, s.c.rc.Patch(types.StrategicMergePatchType).Namespace(e.Namespace).Resource("events").Name(e.Name).Body(data).Do(ctx).Into(out)
 }
 
-// KubeCredentials reads a pod's pull secrets from the API: the pod's
+// Credentials reads a pod's pull secrets from the API: the pod's
 // imagePullSecrets, then its service account's, each with a `get` (no
 // list, no watch). Secrets are parsed in memory and never written or logged.
-type KubeCredentials struct {
+type Credentials struct {
 	Client *CoreClient
 	Log    *slog.Logger
 }
 
 // Keyrings returns the pod's keyrings in the order kubelet tries them.
 // Secrets that are missing or of another type are skipped with a warning.
-func (k *KubeCredentials) Keyrings(ctx context.Context, pod PodInfo) ([]*puller.Keyring, error) {
+func (k *Credentials) Keyrings(ctx context.Context, pod node.PodInfo) ([]*puller.Keyring, error) {
 	p := &corev1.Pod{}
 	if err := k.Client.get(ctx, "pods", pod.Namespace, pod.Name, p); err != nil {
 		return nil, fmt.Errorf("reading pod %s/%s: %w", pod.Namespace, pod.Name, err)
@@ -150,7 +160,7 @@ func (k *KubeCredentials) Keyrings(ctx context.Context, pod PodInfo) ([]*puller.
 	return out, nil
 }
 
-func (k *KubeCredentials) secretKeyring(ctx context.Context, ns, name string) (*puller.Keyring, error) {
+func (k *Credentials) secretKeyring(ctx context.Context, ns, name string) (*puller.Keyring, error) {
 	s := &corev1.Secret{}
 	if err := k.Client.get(ctx, "secrets", ns, name, s); err != nil {
 		return nil, err
@@ -165,42 +175,42 @@ func (k *KubeCredentials) secretKeyring(ctx context.Context, ns, name string) (*
 	return nil, fmt.Errorf("type %s is not %s or %s", s.Type, corev1.SecretTypeDockerConfigJson, corev1.SecretTypeDockercfg)
 }
 
-// KubeEvents records image events on pods, as kubelet does for container
+// Events records image events on pods, as kubelet does for container
 // images. Events go through client-go's broadcaster: queued and sent in
 // the background, dropped if the API is slow, never blocking a publish.
-type KubeEvents struct {
+type Events struct {
 	recorder    record.EventRecorder
 	broadcaster record.EventBroadcaster
 }
 
-// NewKubeEvents starts an event broadcaster reporting as component.
-func NewKubeEvents(client *CoreClient, component, nodeName string) *KubeEvents {
+// NewEvents starts an event broadcaster reporting as component.
+func NewEvents(client *CoreClient, component, nodeName string) *Events {
 	b := record.NewBroadcaster()
 	b.StartRecordingToSink(eventSink{client})
-	return &KubeEvents{
+	return &Events{
 		broadcaster: b,
 		recorder:    b.NewRecorder(client.scheme, corev1.EventSource{Component: component, Host: nodeName}),
 	}
 }
 
 // Shutdown flushes and stops the broadcaster.
-func (e *KubeEvents) Shutdown() { e.broadcaster.Shutdown() }
+func (e *Events) Shutdown() { e.broadcaster.Shutdown() }
 
-func podRef(pod PodInfo) *corev1.ObjectReference {
+func podRef(pod node.PodInfo) *corev1.ObjectReference {
 	return &corev1.ObjectReference{Kind: "Pod", APIVersion: "v1", Namespace: pod.Namespace, Name: pod.Name, UID: types.UID(pod.UID)}
 }
 
-func (e *KubeEvents) ok(pod PodInfo) bool { return e != nil && pod.Namespace != "" && pod.Name != "" }
+func (e *Events) ok(pod node.PodInfo) bool { return e != nil && pod.Namespace != "" && pod.Name != "" }
 
 // Pulling: a download starts for this pod.
-func (e *KubeEvents) Pulling(pod PodInfo, image string) {
+func (e *Events) Pulling(pod node.PodInfo, image string) {
 	if e.ok(pod) {
 		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Pulling", "Pulling Wasm module %q", image)
 	}
 }
 
 // Pulled: the module was downloaded, verified and stored.
-func (e *KubeEvents) Pulled(pod PodInfo, image string, rec RefRecord, took time.Duration) {
+func (e *Events) Pulled(pod node.PodInfo, image string, rec store.RefRecord, took time.Duration) {
 	if e.ok(pod) {
 		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Pulled",
 			"Successfully pulled Wasm module %q in %s. Module digest: %s, size: %d bytes, manifest: %s",
@@ -209,7 +219,7 @@ func (e *KubeEvents) Pulled(pod PodInfo, image string, rec RefRecord, took time.
 }
 
 // AlreadyPresent: the module was on the node.
-func (e *KubeEvents) AlreadyPresent(pod PodInfo, image string, rec RefRecord) {
+func (e *Events) AlreadyPresent(pod node.PodInfo, image string, rec store.RefRecord) {
 	if e.ok(pod) {
 		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Pulled",
 			"Wasm module %q already present on node. Module digest: %s, size: %d bytes", image, rec.Module, rec.Size)
@@ -217,7 +227,7 @@ func (e *KubeEvents) AlreadyPresent(pod PodInfo, image string, rec RefRecord) {
 }
 
 // Failed: the publish could not get the module; the message says why.
-func (e *KubeEvents) Failed(pod PodInfo, image string, err error) {
+func (e *Events) Failed(pod node.PodInfo, image string, err error) {
 	if e.ok(pod) {
 		e.recorder.Eventf(podRef(pod), corev1.EventTypeWarning, "Failed", "Failed to pull Wasm module %q: %v", image, err)
 	}

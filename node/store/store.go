@@ -1,4 +1,18 @@
-package node
+// Package store is the node's content-addressed module store and the
+// driver's records on disk: module blobs and the blob writer that streams
+// them in, tag records (what a reference resolved to), the views pods
+// mount, volume records, the count of each module's uses, and which unused
+// modules garbage collection may delete.
+//
+// It owns: every path under the store's root and every file written there
+// (temp file in the same directory, verify, sync, chmod read-only, rename);
+// disk is the truth after a restart, Uses a cache of the volume records.
+//
+// It must not: reach a registry, decide how a module is validated (Commit
+// takes a verify function), or make pods' mounts (it only unmounts the
+// read-only views of a module it removes). No other package reads or
+// writes under the root except through its methods.
+package store
 
 import (
 	"context"
@@ -41,9 +55,9 @@ type Store struct {
 
 const tmpPrefix = ".tmp-"
 
-// OpenStore creates the layout under root if needed and removes leftovers of
+// Open creates the layout under root if needed and removes leftovers of
 // interrupted writes.
-func OpenStore(root string) (*Store, error) {
+func Open(root string) (*Store, error) {
 	s := &Store{root: root}
 	for _, d := range []string{s.blobDir(), s.refDir(), s.viewRoot(), s.volumeDir(), s.roRoot(), s.EmptyDir()} {
 		if err := os.MkdirAll(d, 0o755); err != nil {

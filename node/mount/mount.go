@@ -1,4 +1,13 @@
-package node
+// Package mount makes and removes the mounts pods see: the read-only
+// overlay of a module's view and the read-only bind mount of it at a pod's
+// target path, with mount(2) and umount(2).
+//
+// It owns: mount flags (ro, nosuid, nodev, and the ones the kernel locks)
+// and the overlayfs option string.
+//
+// It must not: decide what to mount (the node's Service does), create or
+// delete files in the store, or run mount(8)/umount(8) binaries.
+package mount
 
 import (
 	"errors"
@@ -7,7 +16,7 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
-	mount "k8s.io/mount-utils"
+	mountutils "k8s.io/mount-utils"
 )
 
 // Mounter makes and removes the read-only bind mounts pods see.
@@ -17,12 +26,12 @@ import (
 // static binary with no util-linux, and the syscalls say exactly which flags
 // are set. mount-utils still answers "is this a mount point".
 type Mounter struct {
-	probe *mount.Mounter
+	probe *mountutils.Mounter
 }
 
-// NewMounter returns a Mounter.
-func NewMounter() *Mounter {
-	return &Mounter{probe: mount.New("").(*mount.Mounter)}
+// New returns a Mounter.
+func New() *Mounter {
+	return &Mounter{probe: mountutils.New("").(*mountutils.Mounter)}
 }
 
 // BindReadOnly bind-mounts the directory src at target, then remounts it
@@ -101,4 +110,33 @@ func (m *Mounter) Unmount(target string) error {
 		}
 	}
 	return fmt.Errorf("unmount %s: still mounted after 16 unmounts", target)
+}
+
+// EnsureReadOnly remounts the mount at target read-only, nosuid and nodev
+// if it is not all three, keeping the flags the kernel may lock (noexec and
+// the atime flags). It reports whether it remounted.
+func (m *Mounter) EnsureReadOnly(target string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		return false, &os.PathError{Op: "statfs", Path: target, Err: err}
+	}
+	want := int64(unix.ST_RDONLY | unix.ST_NOSUID | unix.ST_NODEV)
+	if st.Flags&want == want {
+		return false, nil
+	}
+	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV)
+	for _, f := range []struct{ st, ms int64 }{
+		{unix.ST_NOEXEC, unix.MS_NOEXEC},
+		{unix.ST_NOATIME, unix.MS_NOATIME},
+		{unix.ST_NODIRATIME, unix.MS_NODIRATIME},
+		{unix.ST_RELATIME, unix.MS_RELATIME},
+	} {
+		if st.Flags&f.st != 0 {
+			flags |= uintptr(f.ms)
+		}
+	}
+	if err := unix.Mount("", target, "", flags, ""); err != nil {
+		return false, &os.PathError{Op: "remount read-only", Path: target, Err: err}
+	}
+	return true, nil
 }

@@ -1,4 +1,4 @@
-package node
+package store
 
 import (
 	"io"
@@ -37,7 +37,7 @@ func storeModule(t *testing.T, s *Store, body string, used time.Time) digest.Dig
 func TestCollectGarbage(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	now := time.Now()
-	s, err := OpenStore(t.TempDir())
+	s, err := Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,7 @@ func TestCollectGarbage(t *testing.T) {
 	}
 
 	// By age: only the old unused module goes; the in-use one stays.
-	res, err := CollectGarbage(s, uses, GCPolicy{MaxAge: 7 * 24 * time.Hour}, now, log)
+	res, err := s.Collect(uses, GCPolicy{MaxAge: 7 * 24 * time.Hour}, now, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +76,7 @@ func TestCollectGarbage(t *testing.T) {
 
 	// By size: a cap of 1 byte removes every unused module outside the grace
 	// period, least recently used first, never the one in use nor the fresh one.
-	res, err = CollectGarbage(s, uses, GCPolicy{MaxStoreBytes: 1}, now, log)
+	res, err = s.Collect(uses, GCPolicy{MaxStoreBytes: 1}, now, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,12 +88,12 @@ func TestCollectGarbage(t *testing.T) {
 	if !uses.Acquire(s, fresh) {
 		t.Fatal("acquire of a stored module failed")
 	}
-	if res, _ := CollectGarbage(s, uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); s.HasBlob(fresh) == false || res.Removed != 0 {
+	if res, _ := s.Collect(uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); s.HasBlob(fresh) == false || res.Removed != 0 {
 		t.Fatalf("acquired module removed: %+v", res)
 	}
 	uses.Release(fresh)
 	uses.Release(oldInUse)
-	if res, _ := CollectGarbage(s, uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); res.Removed != 2 || s.HasBlob(fresh) || s.HasBlob(oldInUse) {
+	if res, _ := s.Collect(uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); res.Removed != 2 || s.HasBlob(fresh) || s.HasBlob(oldInUse) {
 		t.Fatalf("released modules kept: %+v", res)
 	}
 	if uses.Acquire(s, fresh) {

@@ -1,4 +1,4 @@
-package node
+package store
 
 import (
 	"bytes"
@@ -45,9 +45,9 @@ func mountFS(t *testing.T, fstype, opts string) string {
 
 func openStore(t *testing.T, root string) *Store {
 	t.Helper()
-	s, err := OpenStore(root)
+	s, err := Open(root)
 	if err != nil {
-		t.Fatalf("OpenStore(%s): %v", root, err)
+		t.Fatalf("Open(%s): %v", root, err)
 	}
 	return s
 }

@@ -1,13 +1,21 @@
-package node
+// Package metrics holds the driver's Prometheus metrics: pulls and their
+// results, cache lookups, bytes downloaded, pull and publish durations, and
+// gauges of the store read from disk at scrape time.
+//
+// It owns: the metric names, help texts and labels, registered in the
+// registry it is given (no global registry).
+//
+// It must not: label by volume, image or digest (unbounded series), or
+// change what it measures: the store's gauges only read.
+package metrics
 
 import (
 	"errors"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
@@ -21,9 +29,9 @@ type Metrics struct {
 	publishLatency *prometheus.HistogramVec
 }
 
-// NewMetrics registers the metrics in reg, including gauges read from the
+// New registers the metrics in reg, including gauges read from the
 // store on each scrape (modules and bytes stored, volumes published).
-func NewMetrics(reg prometheus.Registerer, store *Store) (*Metrics, error) {
+func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 	m := &Metrics{
 		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "wasmcsi", Name: "pulls_total",
@@ -48,7 +56,7 @@ func NewMetrics(reg prometheus.Registerer, store *Store) (*Metrics, error) {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12),
 		}, []string{"result"}),
 	}
-	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, newStoreCollector(store)}
+	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, newStoreCollector(st)}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -76,7 +84,9 @@ func PullResult(err error) string {
 	return "error"
 }
 
-func (m *Metrics) pulled(err error, bytes int64, d time.Duration) {
+// Pulled records a pull from a registry: its result, and for a success its
+// bytes and duration.
+func (m *Metrics) Pulled(err error, bytes int64, d time.Duration) {
 	if m == nil {
 		return
 	}
@@ -87,7 +97,8 @@ func (m *Metrics) pulled(err error, bytes int64, d time.Duration) {
 	}
 }
 
-func (m *Metrics) cacheLookup(hit bool) {
+// CacheLookup records whether a publish found its module on the node.
+func (m *Metrics) CacheLookup(hit bool) {
 	if m == nil {
 		return
 	}
@@ -98,7 +109,8 @@ func (m *Metrics) cacheLookup(hit bool) {
 	}
 }
 
-func (m *Metrics) published(err error, d time.Duration) {
+// Published records a publish's duration and whether it failed.
+func (m *Metrics) Published(err error, d time.Duration) {
 	if m == nil {
 		return
 	}
@@ -112,13 +124,13 @@ func (m *Metrics) published(err error, d time.Duration) {
 // storeCollector reads the store's size and the published volumes from
 // disk at scrape time, so the numbers are right after a restart too.
 type storeCollector struct {
-	store                   *Store
+	store                   *store.Store
 	modules, bytes, volumes *prometheus.Desc
 }
 
-func newStoreCollector(store *Store) *storeCollector {
+func newStoreCollector(st *store.Store) *storeCollector {
 	return &storeCollector{
-		store:   store,
+		store:   st,
 		modules: prometheus.NewDesc("wasmcsi_store_modules", "Modules in the node's store.", nil, nil),
 		bytes:   prometheus.NewDesc("wasmcsi_store_bytes", "Bytes of modules in the node's store.", nil, nil),
 		volumes: prometheus.NewDesc("wasmcsi_volumes_published", "Volumes published on this node.", nil, nil),
@@ -132,37 +144,10 @@ func (c *storeCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
-	n, size := c.store.usage()
+	n, size := c.store.Usage()
 	ch <- prometheus.MustNewConstMetric(c.modules, prometheus.GaugeValue, float64(n))
 	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(size))
-	vols, err := os.ReadDir(c.store.volumeDir())
-	if err == nil {
-		count := 0
-		for _, v := range vols {
-			if strings.HasSuffix(v.Name(), ".json") && !strings.HasPrefix(v.Name(), tmpPrefix) {
-				count++
-			}
-		}
+	if count, err := c.store.CountVolumes(); err == nil {
 		ch <- prometheus.MustNewConstMetric(c.volumes, prometheus.GaugeValue, float64(count))
 	}
-}
-
-// usage counts the stored modules and their bytes.
-func (s *Store) usage() (int, int64) {
-	entries, err := os.ReadDir(s.blobDir())
-	if err != nil {
-		return 0, 0
-	}
-	var n int
-	var size int64
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), tmpPrefix) {
-			continue
-		}
-		if fi, err := e.Info(); err == nil && fi.Mode().IsRegular() {
-			n++
-			size += fi.Size()
-		}
-	}
-	return n, size
 }

@@ -1,4 +1,4 @@
-package node
+package store
 
 import (
 	"errors"
@@ -57,6 +57,18 @@ func (u *Uses) Release(d digest.Digest) {
 		return
 	}
 	u.counts[d]--
+}
+
+// unlessUsed runs remove if d has no use, holding the lock Acquire takes,
+// so no publish starts using d meanwhile. used reports that d had a use
+// and remove did not run.
+func (u *Uses) unlessUsed(d digest.Digest, remove func() error) (used bool, err error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.counts[d] > 0 {
+		return true, nil
+	}
+	return false, remove()
 }
 
 // Count is the number of uses of d.
@@ -175,10 +187,10 @@ type GCResult struct {
 	InUseModules int
 }
 
-// CollectGarbage removes unused modules under policy. A module with a use
+// Collect removes unused modules under policy. A module with a use
 // counted in uses is never removed; the check and the removal happen under
 // the uses lock, so a publish cannot start using a module being removed.
-func CollectGarbage(s *Store, uses *Uses, policy GCPolicy, now time.Time, log *slog.Logger) (GCResult, error) {
+func (s *Store) Collect(uses *Uses, policy GCPolicy, now time.Time, log *slog.Logger) (GCResult, error) {
 	if policy.Grace <= 0 {
 		policy.Grace = DefaultGCGrace
 	}
@@ -202,12 +214,7 @@ func CollectGarbage(s *Store, uses *Uses, policy GCPolicy, now time.Time, log *s
 		if idle < policy.Grace {
 			continue
 		}
-		uses.mu.Lock()
-		inUse := uses.counts[m.digest] > 0
-		if !inUse {
-			err = s.removeModule(m.digest)
-		}
-		uses.mu.Unlock()
+		inUse, err := uses.unlessUsed(m.digest, func() error { return s.removeModule(m.digest) })
 		if inUse {
 			res.InUseModules++
 			continue
