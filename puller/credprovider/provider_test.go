@@ -25,21 +25,34 @@ import (
 // These tests run a real plugin executable (test/tools/credplugin), built
 // once, the way kubelet runs one: request on stdin, answer on stdout.
 
-var pluginBin string
+var (
+	pluginOnce sync.Once
+	pluginDir  string
+	pluginBin  string
+	pluginErr  error
+)
+
+// buildPlugin builds the plugin once per test binary, when a test first
+// needs it (fuzz workers need none), into a directory removed at exit.
+func buildPlugin(t *testing.T) string {
+	t.Helper()
+	pluginOnce.Do(func() {
+		pluginDir, pluginErr = os.MkdirTemp("", "credprovider-test-")
+		if pluginErr == nil {
+			pluginBin, pluginErr = harness.BuildCredentialPlugin(pluginDir)
+		}
+	})
+	if pluginErr != nil {
+		t.Fatal(pluginErr)
+	}
+	return pluginBin
+}
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "credprovider-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	pluginBin, err = harness.BuildCredentialPlugin(dir)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
 	code := m.Run()
-	os.RemoveAll(dir)
+	if pluginDir != "" {
+		os.RemoveAll(pluginDir)
+	}
 	os.Exit(code)
 }
 
@@ -60,8 +73,9 @@ func newEnv(t *testing.T, names ...string) *env {
 	if err := os.Mkdir(e.binDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	bin := buildPlugin(t)
 	for _, n := range names {
-		if err := os.Symlink(pluginBin, filepath.Join(e.binDir, n)); err != nil {
+		if err := os.Symlink(bin, filepath.Join(e.binDir, n)); err != nil {
 			t.Fatal(err)
 		}
 	}
