@@ -1,3 +1,15 @@
+// Package puller turns an image reference into verified module bytes: it
+// parses references, resolves them against a registry or its mirrors (oras-go
+// v2), tries the credentials a pull may use in kubelet's order, follows the
+// Wasm image layouts it accepts, and streams the module into a Sink, checking
+// sizes and digests as it goes. Every address it dials passes the network
+// guard (netguard.go).
+//
+// It owns: registry traffic, credentials' parsing and matching, size caps,
+// and the errors of a pull (errdefs sentinels).
+//
+// It must not: write to disk except through the Sink it is given, know the
+// node's store or volumes, or pick gRPC codes.
 package puller
 
 import (

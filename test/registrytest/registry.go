@@ -1,8 +1,7 @@
 // Package registrytest runs a real OCI registry (distribution's registry
 // binary) for integration tests, benchmarks and the demo, puts a counting,
 // fault-injecting reverse proxy in front of it, and pushes Wasm modules in
-// every image layout the contract accepts (see /work/shared/CONTRACT.md,
-// "Image formats accepted").
+// every image layout the driver accepts (see the README, "Image formats").
 //
 // Typical use:
 //
