@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -168,4 +169,20 @@ func (s *RegistrationServer) Check(context.Context) error {
 		return fmt.Errorf("registration socket %s is not a socket any more", s.path)
 	}
 	return nil
+}
+
+// Collector is the wasmcsi_kubelet_registered gauge, read at scrape time:
+// 1 once kubelet has registered the driver, 0 before kubelet has answered
+// and after it refused. The KubeletRegistration alert in
+// manifests/monitoring fires on 0 that lasts.
+func (r *Registrar) Collector() prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "wasmcsi", Name: "kubelet_registered",
+		Help: "1 when kubelet has registered the driver through its plugin-registration socket, else 0.",
+	}, func() float64 {
+		if ok, _ := r.Registered(); ok {
+			return 1
+		}
+		return 0
+	})
 }

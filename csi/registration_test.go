@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
@@ -126,6 +127,14 @@ func TestRegistrationStatus(t *testing.T) {
 	if ok, err := srv.Registered(); ok || err != nil {
 		t.Fatalf("before kubelet's answer: Registered() = %v, %v; want false, nil", ok, err)
 	}
+	gauge := srv.Collector()
+	checkGauge := func(when string, want float64) {
+		t.Helper()
+		if got := testutil.ToFloat64(gauge); got != want {
+			t.Errorf("%s: wasmcsi_kubelet_registered = %v, want %v", when, got, want)
+		}
+	}
+	checkGauge("before kubelet's answer", 0)
 	if err := srv.Check(ctx); err != nil {
 		t.Fatalf("before kubelet's answer: Check() = %v; not hearing from kubelet yet is not a failure", err)
 	}
@@ -139,6 +148,7 @@ func TestRegistrationStatus(t *testing.T) {
 	if err := srv.Check(ctx); err != nil {
 		t.Fatalf("after registration: Check() = %v", err)
 	}
+	checkGauge("after registration", 1)
 	if !strings.Contains(logs.String(), "registered with kubelet") {
 		t.Errorf("log does not say the driver registered:\n%s", logs)
 	}
@@ -154,6 +164,7 @@ func TestRegistrationStatus(t *testing.T) {
 	if err := srv.Check(ctx); err == nil || !strings.Contains(err.Error(), reason) {
 		t.Fatalf("after a refusal: Check() = %v; want kubelet's reason", err)
 	}
+	checkGauge("after a refusal", 0)
 	var refused map[string]any
 	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
 		var rec map[string]any
@@ -182,6 +193,7 @@ func TestRegistrationStatus(t *testing.T) {
 	if ok, err := srv.Registered(); !ok || err != nil {
 		t.Fatalf("after a new registration: Registered() = %v, %v; want true, nil", ok, err)
 	}
+	checkGauge("after a new registration", 1)
 }
 
 func TestRegistrationCheckSocketGone(t *testing.T) {

@@ -252,6 +252,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		defer rs.Stop()
 		go func() { errc <- rs.Serve() }()
 		checks = append(checks, rs.Check)
+		if err := reg.Register(rs.Collector()); err != nil {
+			return err
+		}
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
