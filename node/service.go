@@ -225,6 +225,7 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 		images = append(images, p.Image)
 	}
 	s.cur.Store(&settings{puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images})
+	s.cfg.Metrics.StoreCap(gc.MaxStoreBytes)
 	s.damp.reset() // new registry settings may fix what failed
 	s.startPrePull(images)
 	return nil

@@ -27,6 +27,7 @@ type Metrics struct {
 	downloaded     prometheus.Counter
 	pullDuration   prometheus.Histogram
 	publishLatency *prometheus.HistogramVec
+	storeMax       prometheus.Gauge
 }
 
 // New registers the metrics in reg, including gauges read from the
@@ -55,8 +56,23 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 			Help:    "NodePublishVolume duration, by result.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12),
 		}, []string{"result"}),
+		storeMax: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "wasmcsi", Name: "store_max_bytes",
+			Help: "limits.maxStoreSize in bytes (0: no cap), for the store's use of its cap.",
+		}),
 	}
-	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, newStoreCollector(st)}
+	// Every label value exported from the start, at zero: a rate() or an
+	// alert on a failure the node has not had yet then sees a 0, not nothing.
+	for _, r := range pullResults {
+		m.pulls.WithLabelValues(r)
+	}
+	for _, r := range []string{"hit", "miss"} {
+		m.cache.WithLabelValues(r)
+	}
+	for _, r := range []string{"success", "error"} {
+		m.publishLatency.WithLabelValues(r)
+	}
+	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, m.storeMax, newStoreCollector(st)}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -64,6 +80,9 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 	}
 	return m, nil
 }
+
+// pullResults are the values PullResult returns.
+var pullResults = []string{"success", "not_found", "unauthorized", "unavailable", "invalid_image", "no_space", "error"}
 
 // PullResult names the outcome of a pull for the pulls_total label.
 func PullResult(err error) string {
@@ -95,6 +114,14 @@ func (m *Metrics) Pulled(err error, bytes int64, d time.Duration) {
 		m.downloaded.Add(float64(bytes))
 		m.pullDuration.Observe(d.Seconds())
 	}
+}
+
+// StoreCap records the store's size cap (limits.maxStoreSize; 0: none).
+func (m *Metrics) StoreCap(bytes int64) {
+	if m == nil {
+		return
+	}
+	m.storeMax.Set(float64(bytes))
 }
 
 // CacheLookup records whether a publish found its module on the node.
