@@ -5,6 +5,7 @@ GO ?= go
 BIN := $(CURDIR)/bin
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REGISTRY_VERSION := v3.1.2
+HELM_VERSION := v3.22.0
 LDFLAGS := -X main.version=$(VERSION)
 export WASM_CSI_REGISTRY_BIN := $(BIN)/registry
 export WASM_CSI_DRIVER_BIN := $(BIN)/wasm-csi-driver
@@ -31,16 +32,23 @@ $(BIN)/registry:
 kube-tools:
 	test/kube/build.sh $(BIN) kube-apiserver kubectl
 
-tools: $(BIN)/registry kube-tools
+# The helm CLI, from the Go module proxy: test/manifests renders and lints
+# the chart with it (and builds it through this target when it is missing).
+$(BIN)/helm:
+	GOBIN=$(BIN) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+tools: $(BIN)/registry $(BIN)/helm kube-tools
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
 	$(GO) vet ./...
+	cd test/monitoring && $(GO) vet ./...
 
 # Unit, integration and csi-sanity tests, with the race detector. The
 # integration and sanity suites make real mounts: run as root.
 test: tools build lint
 	$(GO) test -race -count=1 -timeout 20m ./...
+	cd test/monitoring && $(GO) test -race -count=1 -timeout 5m ./...
 
 # Each fuzz target (reference parsing, manifest/format detection, tar
 # extraction) for a short fixed time; the seed corpus under
