@@ -1,0 +1,234 @@
+// Package upgrade replaces a released driver by the current one on the same
+// store, as a DaemonSet rollout does on a node: the earlier driver is built
+// from this repository at a fixed commit (git archive), publishes volumes,
+// stops; the current driver starts on the same --root-dir. The earlier
+// mounts still serve, their unpublish cleans up, stored modules are not
+// downloaded again and new publishes work. Real binaries, a real registry,
+// real mounts: run as root.
+package upgrade
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/wasm-csi/wasm-csi/test/harness"
+	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+)
+
+// fromCommit is the earlier driver: main on the day upgrades were first
+// tested (before the store carried a format version).
+const fromCommit = "388ba58"
+
+// buildAt builds cmd/wasm-csi-driver as it was at commit into dir.
+func buildAt(t *testing.T, commit, dir string) string {
+	t.Helper()
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(dir, "src")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	archive := exec.Command("git", "-C", root, "archive", "--format=tar", commit)
+	var tarball, stderr bytes.Buffer
+	archive.Stdout, archive.Stderr = &tarball, &stderr
+	if err := archive.Run(); err != nil {
+		t.Fatalf("git archive %s (the test needs the repository's history, not a shallow clone): %v\n%s", commit, err, stderr.String())
+	}
+	untar := exec.Command("tar", "-x", "-C", src)
+	untar.Stdin = &tarball
+	if out, err := untar.CombinedOutput(); err != nil {
+		t.Fatalf("tar -x: %v\n%s", err, out)
+	}
+	bin := filepath.Join(dir, "wasm-csi-driver-"+commit)
+	build := exec.Command("go", "build", "-o", bin, "./cmd/wasm-csi-driver")
+	build.Dir = src
+	build.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=-mod=mod")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building the driver at %s: %v\n%s", commit, err, out)
+	}
+	return bin
+}
+
+type node struct {
+	t *testing.T
+	k *harness.Kubelet
+}
+
+func (n node) publish(d *harness.Daemon, pod, image string) (*csipb.NodePublishVolumeRequest, error) {
+	req, err := n.k.PublishRequest(harness.NewPod(pod), "wasm", map[string]string{"image": image})
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = d.Node.NodePublishVolume(ctx, req)
+	return req, err
+}
+
+func (n node) unpublish(d *harness.Daemon, req *csipb.NodePublishVolumeRequest) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err := d.Node.NodeUnpublishVolume(ctx, &csipb.NodeUnpublishVolumeRequest{VolumeId: req.VolumeId, TargetPath: req.TargetPath})
+	return err
+}
+
+func checkServes(t *testing.T, when string, req *csipb.NodePublishVolumeRequest, want []byte) {
+	t.Helper()
+	got, err := os.ReadFile(filepath.Join(req.TargetPath, "plugin.wasm"))
+	if err != nil {
+		t.Fatalf("%s: reading %s: %v", when, req.TargetPath, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("%s: %s holds %s, want %s", when, req.TargetPath, digest.FromBytes(got), digest.FromBytes(want))
+	}
+	if opts, _ := harness.MountOptions(req.TargetPath); !strings.HasPrefix(opts, "ro") {
+		t.Errorf("%s: %s mounted %q, want read-only", when, req.TargetPath, opts)
+	}
+}
+
+func TestUpgradeFromEarlierDriver(t *testing.T) {
+	harness.RequireRoot(t)
+	dir := t.TempDir()
+	oldBin := buildAt(t, fromCommit, dir)
+	newBin, err := harness.BuildDriver(dir, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := registrytest.StartT(t, registrytest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	mods := map[string][]byte{}
+	images := map[string]string{}
+	for _, name := range []string{"a", "b", "c"} {
+		b := wasmgen.ProxyWasm(wasmgen.Options{Message: t.Name() + " " + name})
+		if _, err := registrytest.PushWasm(ctx, reg.Host()+"/upgrade/"+name+":1.0", b, registrytest.LayoutCNCF, registrytest.WithPlainHTTP(true)); err != nil {
+			t.Fatal(err)
+		}
+		mods[name] = b
+		images[name] = reg.ProxyHost() + "/upgrade/" + name + ":1.0"
+	}
+	root := filepath.Join(dir, "store")
+	args := []string{"--insecure-registry=" + reg.ProxyHost()}
+	n := node{t: t, k: harness.NewKubelet(t)}
+	t.Cleanup(func() {
+		if err := harness.UnmountUnder(n.k.Root); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+
+	// The earlier driver publishes a and b (b for two pods).
+	old := harness.StartDaemon(t, oldBin, harness.DaemonOptions{Root: root, Args: args})
+	reqA, err := n.publish(old, "pod-a", images["a"])
+	if err != nil {
+		t.Fatalf("driver %s: publish a: %v", fromCommit, err)
+	}
+	reqB1, err := n.publish(old, "pod-b1", images["b"])
+	if err != nil {
+		t.Fatalf("driver %s: publish b: %v", fromCommit, err)
+	}
+	reqB2, err := n.publish(old, "pod-b2", images["b"])
+	if err != nil {
+		t.Fatalf("driver %s: publish b again: %v", fromCommit, err)
+	}
+	for _, r := range []struct {
+		req *csipb.NodePublishVolumeRequest
+		mod string
+	}{{reqA, "a"}, {reqB1, "b"}, {reqB2, "b"}} {
+		checkServes(t, "published by "+fromCommit, r.req, mods[r.mod])
+	}
+	gets := func(name string) int { return reg.BlobGets(digest.FromBytes(mods[name])) }
+	if gets("a") != 1 || gets("b") != 1 {
+		t.Fatalf("blob GETs a=%d b=%d before the upgrade, want 1 each", gets("a"), gets("b"))
+	}
+	old.Stop()
+	t.Logf("driver %s stopped; its store:\n%s", fromCommit, listTree(t, root))
+
+	// The current driver on the same root.
+	cur := harness.StartDaemon(t, newBin, harness.DaemonOptions{Root: root, Args: args})
+	checkServes(t, "after the upgrade", reqA, mods["a"])
+	checkServes(t, "after the upgrade", reqB1, mods["b"])
+
+	// A new pod with a stored module: no download.
+	reqA2, err := n.publish(cur, "pod-a2", images["a"])
+	if err != nil {
+		t.Fatalf("current driver: publish a (stored by %s): %v", fromCommit, err)
+	}
+	checkServes(t, "new pod, module stored by "+fromCommit, reqA2, mods["a"])
+	if gets("a") != 1 {
+		t.Errorf("module a downloaded again after the upgrade (%d blob GETs)", gets("a"))
+	}
+	// A new module.
+	reqC, err := n.publish(cur, "pod-c", images["c"])
+	if err != nil {
+		t.Fatalf("current driver: publish c: %v", err)
+	}
+	checkServes(t, "new module after the upgrade", reqC, mods["c"])
+
+	// Unpublish of volumes the earlier driver published cleans up.
+	for _, req := range []*csipb.NodePublishVolumeRequest{reqA, reqB1} {
+		if err := n.unpublish(cur, req); err != nil {
+			t.Fatalf("current driver: unpublish %s (published by %s): %v", req.TargetPath, fromCommit, err)
+		}
+		if opts, _ := harness.MountOptions(req.TargetPath); opts != "" {
+			t.Errorf("%s still mounted after unpublish", req.TargetPath)
+		}
+		if _, err := os.Lstat(req.TargetPath); !os.IsNotExist(err) {
+			t.Errorf("%s still there after unpublish (%v)", req.TargetPath, err)
+		}
+	}
+	// Five volumes published, two unpublished: three records left.
+	if n := volumeRecords(t, root); n != 3 {
+		t.Errorf("%d volume records after unpublishing 2 of 5 volumes, want 3", n)
+	}
+	// The other pod of b still reads its file.
+	checkServes(t, "after the other b pod's unpublish", reqB2, mods["b"])
+	for _, req := range []*csipb.NodePublishVolumeRequest{reqB2, reqA2, reqC} {
+		if err := n.unpublish(cur, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := volumeRecords(t, root); n != 0 {
+		t.Errorf("%d volume records after every unpublish, want 0", n)
+	}
+	if logs := cur.Logs(); strings.Contains(logs, "WARNING: DATA RACE") {
+		t.Errorf("data race in the current driver:\n%s", logs)
+	}
+}
+
+// volumeRecords counts the store's volume records (volumes/*.json).
+func volumeRecords(t *testing.T, root string) int {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(root, "volumes", "*.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(m)
+}
+
+// listTree lists the files under dir, for the log.
+func listTree(t *testing.T, dir string) string {
+	t.Helper()
+	var b strings.Builder
+	_ = filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return nil
+		}
+		rel, _ := filepath.Rel(dir, p)
+		fmt.Fprintf(&b, "  %s %s %d\n", fi.Mode(), rel, fi.Size())
+		return nil
+	})
+	return b.String()
+}
