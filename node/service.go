@@ -216,7 +216,11 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	if err != nil {
 		return err
 	}
-	gc := store.GCPolicy{MaxAge: age}
+	minAge, err := fc.MinimumModuleAge()
+	if err != nil {
+		return err
+	}
+	gc := store.GCPolicy{MaxAge: age, MinimumAge: minAge}
 	if q := fc.Limits.MaxStoreSize; q != nil {
 		gc.MaxStoreBytes = q.Value()
 	}
@@ -267,6 +271,10 @@ func (s *Service) collectGarbage() {
 	}
 	if res.Removed > 0 {
 		s.log.Info("garbage collected", "removed", res.Removed, "freedBytes", res.FreedBytes, "storeBytes", res.StoreBytes)
+	}
+	if policy.MaxStoreBytes > 0 && res.StoreBytes > policy.MaxStoreBytes {
+		s.log.Info("store over limits.maxStoreSize: modules in use and modules used within limits.minimumModuleAge are kept",
+			"storeBytes", res.StoreBytes, "maxStoreBytes", policy.MaxStoreBytes, "inUse", res.InUseModules, "usedRecently", res.TooYoung)
 	}
 }
 

@@ -41,6 +41,7 @@ import (
 //	  maxModuleSize: 256Mi                 # a larger module is refused
 //	  maxStoreSize: 10Gi                   # unused modules are removed past this
 //	  unusedModuleAge: 168h                # unused modules older than this are removed
+//	  minimumModuleAge: 2m                 # never removed within this of their last use
 //	validation: proxy-wasm                 # proxy-wasm | wasm | none
 //	prePull:                               # pulled on start and on change
 //	- image: ghcr.io/acme/filters/header:1.2.0
@@ -81,7 +82,15 @@ type LimitsConfig struct {
 	MaxModuleSize   *resource.Quantity `json:"maxModuleSize,omitempty"`
 	MaxStoreSize    *resource.Quantity `json:"maxStoreSize,omitempty"`
 	UnusedModuleAge string             `json:"unusedModuleAge,omitempty"`
+	// MinimumModuleAge protects a module used this recently from removal,
+	// whatever maxStoreSize and unusedModuleAge say (kubelet's
+	// imageMinimumGCAge). Default 2m; at least MinimumModuleAgeFloor.
+	MinimumModuleAge string `json:"minimumModuleAge,omitempty"`
 }
+
+// MinimumModuleAgeFloor is the least limits.minimumModuleAge: a module just
+// pulled must outlive the publish that pulled it.
+const MinimumModuleAgeFloor = 30 * time.Second
 
 // PrePullImage is an image every node pulls before any pod asks for it.
 type PrePullImage struct {
@@ -131,6 +140,9 @@ func (c FileConfig) Validate() error {
 	if _, err := c.UnusedModuleAge(); err != nil {
 		errs = append(errs, err)
 	}
+	if _, err := c.MinimumModuleAge(); err != nil {
+		errs = append(errs, err)
+	}
 	if _, err := wasmcheck.ParseMode(c.Validation); err != nil {
 		errs = append(errs, fmt.Errorf("validation: %w", err))
 	}
@@ -145,20 +157,39 @@ func (c FileConfig) Validate() error {
 // UnusedModuleAge parses limits.unusedModuleAge: a Go duration, or a
 // number of days like "7d". Zero means never.
 func (c FileConfig) UnusedModuleAge() (time.Duration, error) {
-	s := strings.TrimSpace(c.Limits.UnusedModuleAge)
+	return parseAge("limits.unusedModuleAge", c.Limits.UnusedModuleAge, "168h or 7d")
+}
+
+// MinimumModuleAge parses limits.minimumModuleAge like unusedModuleAge;
+// empty is store.DefaultMinimumModuleAge (returned as 0), less than
+// MinimumModuleAgeFloor is an error.
+func (c FileConfig) MinimumModuleAge() (time.Duration, error) {
+	d, err := parseAge("limits.minimumModuleAge", c.Limits.MinimumModuleAge, "2m or 1h")
+	if err != nil {
+		return 0, err
+	}
+	if strings.TrimSpace(c.Limits.MinimumModuleAge) != "" && d < MinimumModuleAgeFloor {
+		return 0, fmt.Errorf("limits.minimumModuleAge %s is less than %s: a module just pulled must outlive the publish that pulled it", d, MinimumModuleAgeFloor)
+	}
+	return d, nil
+}
+
+// parseAge parses a Go duration or a number of days like "7d"; empty is 0.
+func parseAge(key, value, example string) (time.Duration, error) {
+	s := strings.TrimSpace(value)
 	if s == "" {
 		return 0, nil
 	}
 	if days, ok := strings.CutSuffix(s, "d"); ok {
 		var n int
 		if _, err := fmt.Sscanf(days, "%d", &n); err != nil || n < 0 || fmt.Sprint(n) != days {
-			return 0, fmt.Errorf("limits.unusedModuleAge %q is not a duration like 168h or 7d", s)
+			return 0, fmt.Errorf("%s %q is not a duration like %s", key, s, example)
 		}
 		return time.Duration(n) * 24 * time.Hour, nil
 	}
 	d, err := time.ParseDuration(s)
 	if err != nil || d < 0 {
-		return 0, fmt.Errorf("limits.unusedModuleAge %q is not a duration like 168h or 7d", s)
+		return 0, fmt.Errorf("%s %q is not a duration like %s", key, s, example)
 	}
 	return d, nil
 }

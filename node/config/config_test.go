@@ -22,6 +22,7 @@ limits:
   maxModuleSize: 64Mi
   maxStoreSize: 2Gi
   unusedModuleAge: 7d
+  minimumModuleAge: 5m
 validation: wasm
 prePull:
 - image: ghcr.io/acme/filters/header:1.2.0
@@ -39,6 +40,12 @@ prePull:
 	if age, _ := c.UnusedModuleAge(); age != 7*24*time.Hour {
 		t.Errorf("unusedModuleAge = %v", age)
 	}
+	if age, err := c.MinimumModuleAge(); age != 5*time.Minute || err != nil {
+		t.Errorf("minimumModuleAge = %v, %v", age, err)
+	}
+	if age, err := (FileConfig{}).MinimumModuleAge(); age != 0 || err != nil {
+		t.Errorf("minimumModuleAge unset = %v, %v; want 0 (the store's default)", age, err)
+	}
 	if len(c.Registries.Insecure) != 2 || c.Registries.Mirrors["ghcr.io"][0] != "mirror.internal:5000" || c.Validation != "wasm" || c.PrePull[0].Image != "ghcr.io/acme/filters/header:1.2.0" {
 		t.Errorf("parsed %+v", c)
 	}
@@ -46,16 +53,18 @@ prePull:
 		t.Errorf("empty file: %+v %v", c, err)
 	}
 	for name, bad := range map[string]string{
-		"unknown field":    "registries:\n  insecrue: [a]\n",
-		"bad quantity":     "limits:\n  maxModuleSize: lots\n",
-		"negative size":    "limits:\n  maxStoreSize: -1Gi\n",
-		"bad age":          "limits:\n  unusedModuleAge: soon\n",
-		"bad days":         "limits:\n  unusedModuleAge: 7.5d\n",
-		"bad validation":   "validation: strict\n",
-		"bad prepull":      "prePull:\n- image: 'UPPER/Case:x:y'\n",
-		"url not host":     "registries:\n  insecure: ['http://x']\n",
-		"bad mirror":       "registries:\n  mirrors:\n    ghcr.io: ['a b']\n",
-		"not yaml mapping": "- a\n- b\n",
+		"unknown field":     "registries:\n  insecrue: [a]\n",
+		"bad quantity":      "limits:\n  maxModuleSize: lots\n",
+		"negative size":     "limits:\n  maxStoreSize: -1Gi\n",
+		"bad age":           "limits:\n  unusedModuleAge: soon\n",
+		"bad days":          "limits:\n  unusedModuleAge: 7.5d\n",
+		"bad minimum age":   "limits:\n  minimumModuleAge: a while\n",
+		"minimum age < 30s": "limits:\n  minimumModuleAge: 0s\n",
+		"bad validation":    "validation: strict\n",
+		"bad prepull":       "prePull:\n- image: 'UPPER/Case:x:y'\n",
+		"url not host":      "registries:\n  insecure: ['http://x']\n",
+		"bad mirror":        "registries:\n  mirrors:\n    ghcr.io: ['a b']\n",
+		"not yaml mapping":  "- a\n- b\n",
 	} {
 		if _, err := ParseFileConfig([]byte(bad)); err == nil {
 			t.Errorf("%s: accepted %q", name, bad)

@@ -85,13 +85,17 @@ type GCPolicy struct {
 	// MaxStoreBytes removes unused modules, least recently used first,
 	// while the store holds more than this (0: no cap).
 	MaxStoreBytes int64
-	// Grace protects modules used or pulled this recently: a module just
-	// pulled is not yet counted by the publish that pulled it.
-	Grace time.Duration
+	// MinimumAge protects modules used or pulled this recently, whatever
+	// MaxAge and MaxStoreBytes say (limits.minimumModuleAge, as kubelet's
+	// imageMinimumGCAge): a module just pulled is not yet counted by the
+	// publish that pulled it, and a module a pod just let go is likely to be
+	// asked for again. 0: DefaultMinimumModuleAge.
+	MinimumAge time.Duration
 }
 
-// DefaultGCGrace is the default GCPolicy.Grace.
-const DefaultGCGrace = 10 * time.Minute
+// DefaultMinimumModuleAge is the default GCPolicy.MinimumAge, kubelet's
+// default imageMinimumGCAge.
+const DefaultMinimumModuleAge = 2 * time.Minute
 
 // storedModule is one blob with its size and last use.
 type storedModule struct {
@@ -185,14 +189,17 @@ type GCResult struct {
 	FreedBytes   int64
 	StoreBytes   int64
 	InUseModules int
+	// TooYoung counts the modules the collector would have removed but kept
+	// because they were used within GCPolicy.MinimumAge.
+	TooYoung int
 }
 
 // Collect removes unused modules under policy. A module with a use
 // counted in uses is never removed; the check and the removal happen under
 // the uses lock, so a publish cannot start using a module being removed.
 func (s *Store) Collect(uses *Uses, policy GCPolicy, now time.Time, log *slog.Logger) (GCResult, error) {
-	if policy.Grace <= 0 {
-		policy.Grace = DefaultGCGrace
+	if policy.MinimumAge <= 0 {
+		policy.MinimumAge = DefaultMinimumModuleAge
 	}
 	mods, err := s.modules()
 	if err != nil {
@@ -211,7 +218,8 @@ func (s *Store) Collect(uses *Uses, policy GCPolicy, now time.Time, log *slog.Lo
 		if !tooOld && !overCap {
 			continue
 		}
-		if idle < policy.Grace {
+		if idle < policy.MinimumAge {
+			res.TooYoung++
 			continue
 		}
 		inUse, err := uses.unlessUsed(m.digest, func() error { return s.removeModule(m.digest) })

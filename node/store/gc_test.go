@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -88,12 +89,12 @@ func TestCollectGarbage(t *testing.T) {
 	if !uses.Acquire(s, fresh) {
 		t.Fatal("acquire of a stored module failed")
 	}
-	if res, _ := s.Collect(uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); s.HasBlob(fresh) == false || res.Removed != 0 {
+	if res, _ := s.Collect(uses, GCPolicy{MaxStoreBytes: 1, MinimumAge: time.Nanosecond}, now, log); s.HasBlob(fresh) == false || res.Removed != 0 {
 		t.Fatalf("acquired module removed: %+v", res)
 	}
 	uses.Release(fresh)
 	uses.Release(oldInUse)
-	if res, _ := s.Collect(uses, GCPolicy{MaxStoreBytes: 1, Grace: time.Nanosecond}, now, log); res.Removed != 2 || s.HasBlob(fresh) || s.HasBlob(oldInUse) {
+	if res, _ := s.Collect(uses, GCPolicy{MaxStoreBytes: 1, MinimumAge: time.Nanosecond}, now, log); res.Removed != 2 || s.HasBlob(fresh) || s.HasBlob(oldInUse) {
 		t.Fatalf("released modules kept: %+v", res)
 	}
 	if uses.Acquire(s, fresh) {
@@ -101,5 +102,54 @@ func TestCollectGarbage(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(s.viewRoot()); len(entries) != 0 {
 		t.Errorf("views left: %v", entries)
+	}
+}
+
+// limits.minimumModuleAge as an operator tries it: a 1Mi cap and three
+// unused 600 KiB modules. Used 1 minute ago, all three stay under the default
+// 2-minute minimum age (the store exceeds its cap meanwhile); used 3 minutes
+// ago, the two least recently used go and the store is under its cap.
+func TestCollectMinimumModuleAge(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	now := time.Now()
+	for _, c := range []struct {
+		name       string
+		usedAgo    time.Duration
+		minimum    time.Duration
+		removed    int
+		tooYoung   int
+		storeAfter int64
+	}{
+		{"used 1m ago, default minimum 2m", time.Minute, 0, 0, 3, 3 * 600 << 10},
+		{"used 3m ago, default minimum 2m", 3 * time.Minute, 0, 2, 0, 600 << 10},
+		{"used 3m ago, minimum 5m", 3 * time.Minute, 5 * time.Minute, 0, 3, 3 * 600 << 10},
+		{"used 1m ago, minimum 30s", time.Minute, 30 * time.Second, 2, 0, 600 << 10},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s, err := Open(t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var mods []digest.Digest
+			for i := range 3 {
+				body := strings.Repeat(string(rune('a'+i)), 600<<10)
+				// Oldest first: a, then b a second later, then c.
+				mods = append(mods, storeModule(t, s, body, now.Add(-c.usedAgo-time.Duration(2-i)*time.Second)))
+			}
+			uses, err := NewUses(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := s.Collect(uses, GCPolicy{MaxStoreBytes: 1 << 20, MinimumAge: c.minimum}, now, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Removed != c.removed || res.TooYoung != c.tooYoung || res.StoreBytes != c.storeAfter {
+				t.Errorf("Collect: %+v, want %d removed, %d too young, %d bytes left", res, c.removed, c.tooYoung, c.storeAfter)
+			}
+			if c.removed == 2 && (s.HasBlob(mods[0]) || s.HasBlob(mods[1]) || !s.HasBlob(mods[2])) {
+				t.Errorf("removed the wrong modules: a=%v b=%v c=%v kept", s.HasBlob(mods[0]), s.HasBlob(mods[1]), s.HasBlob(mods[2]))
+			}
+		})
 	}
 }
