@@ -22,6 +22,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	// Mozilla's root certificates, used only when the host gives none: the
+	// image is FROM scratch, and registries are HTTPS.
+	_ "golang.org/x/crypto/x509roots/fallback"
 	"k8s.io/klog/v2"
 
 	"github.com/wasm-csi/wasm-csi/csi"
