@@ -43,7 +43,11 @@ func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 		// volume, so the pod's file never changes.
 		module, manifest = rec.Module, rec.Manifest
 	} else {
-		ref, cached, err := s.resolve(ctx, req)
+		// err is the named result, not a new variable: the deferred
+		// Release below must see the error this publish returns.
+		var ref store.RefRecord
+		var cached bool
+		ref, cached, err = s.resolve(ctx, req)
 		if err != nil {
 			return err
 		}

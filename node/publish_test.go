@@ -1,0 +1,320 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/wasm-csi/wasm-csi/node/config"
+	"github.com/wasm-csi/wasm-csi/node/store"
+	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+)
+
+// Unit tests of the publish path, in-process and without root: a real
+// store in a temp dir, the fakes of fakes_test.go for the registry, the
+// mounts and the API.
+
+// TestPublishConcurrentJoinOnePull: 20 publishes of one image at once, each
+// for its own volume, share one download.
+func TestPublishConcurrentJoinOnePull(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	img := e.reg.add("acme/filter", "")
+	e.reg.release = make(chan struct{})
+	const n = 20
+	errs := make(chan error, n)
+	reqs := make([]PublishRequest, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		reqs[i] = e.request(t, fmt.Sprintf("vol-%d", i), "reg.example/acme/filter:1", fmt.Sprintf("pod-%d", i), PullAlways)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- e.svc.Publish(context.Background(), reqs[i])
+		}()
+	}
+	// Hold the download until every publish has asked for the pull.
+	e.events.waitPulling(t, n)
+	close(e.reg.release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("publish: %v", err)
+		}
+	}
+	if got := e.reg.pullCount(); got != 1 {
+		t.Errorf("%d downloads for %d concurrent publishes, want 1", got, n)
+	}
+	var module string
+	for _, req := range reqs {
+		d := e.published(t, req, img.body)
+		if module == "" {
+			module = string(d)
+		} else if string(d) != module {
+			t.Errorf("volume %s has module %s, another %s", req.VolumeID, d, module)
+		}
+	}
+	if got := e.svc.uses.Count(e.published(t, reqs[0], img.body)); got != n {
+		t.Errorf("module counted %d uses, want %d", got, n)
+	}
+}
+
+// TestPullOutlivesItsCaller: a publish whose caller gives up returns
+// ErrPullPending while its pull goes on; the retry joins that pull and
+// gets its module, downloaded once.
+func TestPullOutlivesItsCaller(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	img := e.reg.add("acme/slow", "")
+	e.reg.pulling = make(chan struct{}, 1)
+	e.reg.release = make(chan struct{})
+	req := e.request(t, "vol-1", "reg.example/acme/slow:1", "pod", PullIfNotPresent)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() { first <- e.svc.Publish(ctx, req) }()
+	<-e.reg.pulling // the download has started
+	cancel()
+	err := <-first
+	if !isKind(err, errdefs.ErrPullPending) {
+		t.Fatalf("publish whose caller gave up: %v, want ErrPullPending", err)
+	}
+	if _, ok, _ := e.svc.store.GetVolume(req.VolumeID, req.TargetPath); ok {
+		t.Error("a publish that returned an error left a volume record")
+	}
+
+	retry := make(chan error, 1)
+	go func() { retry <- e.svc.Publish(context.Background(), req) }()
+	e.events.waitPulling(t, 2) // the retry has reached the pull
+	close(e.reg.release)
+	if err := <-retry; err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	e.published(t, req, img.body)
+	if got := e.reg.pullCount(); got != 1 {
+		t.Errorf("%d downloads, want the first pull's only", got)
+	}
+}
+
+// TestAccessCheckForAnotherPodsSecret: a module pulled with pod A's secret
+// is served to pod B only if B's own credentials get the manifest from the
+// registry; nothing is downloaded again either way.
+func TestAccessCheckForAnotherPodsSecret(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	img := e.reg.add("acme/private", "alice")
+	e.creds.keyrings["a"] = []*puller.Keyring{secret(t, "alice", "reg.example", "alice")}
+	e.creds.keyrings["b"] = []*puller.Keyring{secret(t, "bob", "reg.example", "bob")}
+	e.creds.keyrings["c"] = []*puller.Keyring{secret(t, "alice2", "reg.example", "alice")}
+	const image = "reg.example/acme/private:1"
+
+	if err := e.svc.Publish(context.Background(), e.request(t, "vol-a", image, "a", PullIfNotPresent)); err != nil {
+		t.Fatalf("pod a (the secret the registry accepts): %v", err)
+	}
+	rec, ok := e.svc.store.GetRef(mustRef(t, image).String())
+	if !ok || !rec.Private {
+		t.Fatalf("tag record after a pull with a pod secret: %+v (found %v), want Private", rec, ok)
+	}
+	before := len(e.reg.resolveHosts())
+
+	for _, pod := range []string{"b", "nobody"} {
+		req := e.request(t, "vol-"+pod, image, pod, PullIfNotPresent)
+		err := e.svc.Publish(context.Background(), req)
+		if !isKind(err, errdefs.ErrUnauthorized) || !strings.Contains(err.Error(), "another pod's pull secret") {
+			t.Errorf("pod %s (no accepted secret): %v, want ErrUnauthorized naming another pod's secret", pod, err)
+		}
+		if e.mnt.source(req.TargetPath) != "" {
+			t.Errorf("pod %s got a mount", pod)
+		}
+	}
+	// Never too: the module is on the node, the pod must still show access.
+	if err := e.svc.Publish(context.Background(), e.request(t, "vol-never", image, "b", PullNever)); !isKind(err, errdefs.ErrUnauthorized) {
+		t.Errorf("pod b with pullPolicy Never: %v, want ErrUnauthorized", err)
+	}
+	req := e.request(t, "vol-c", image, "c", PullIfNotPresent)
+	if err := e.svc.Publish(context.Background(), req); err != nil {
+		t.Fatalf("pod c (another secret the registry accepts): %v", err)
+	}
+	e.published(t, req, img.body)
+	if got := e.reg.pullCount(); got != 1 {
+		t.Errorf("%d downloads, want 1", got)
+	}
+	// Each check asked the registry (by digest), so every pod proved its access.
+	if got := len(e.reg.resolveHosts()) - before; got != 4 {
+		t.Errorf("%d access checks against the registry, want 4", got)
+	}
+}
+
+// TestMirrorFallbackOrder: mirrors are tried in the configured order, the
+// registry itself last; the first that answers serves the module, which is
+// recorded under the image's own registry name.
+func TestMirrorFallbackOrder(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{Registries: config.RegistriesConfig{
+		Mirrors: map[string][]string{"reg.example": {"m1.example", "m2.example", "m3.example"}},
+	}})
+	img := e.reg.add("acme/mirrored", "")
+	e.reg.down["m1.example"] = true
+	req := e.request(t, "vol-1", "reg.example/acme/mirrored:1", "pod", PullIfNotPresent)
+	if err := e.svc.Publish(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	e.published(t, req, img.body)
+	if got, want := strings.Join(e.reg.resolveHosts(), " "), "m1.example m2.example"; got != want {
+		t.Errorf("sources asked: %s, want %s", got, want)
+	}
+	if !strings.Contains(e.log.String(), "mirror failed, trying the next source") {
+		t.Errorf("the failed mirror is not logged:\n%s", e.log)
+	}
+	if _, ok := e.svc.store.GetRef("reg.example/acme/mirrored:1"); !ok {
+		t.Error("no tag record under the image's own registry")
+	}
+
+	// Every source down: all are tried, in order, and the error is the last one's.
+	e.reg.resolves = nil
+	for _, h := range []string{"m2.example", "m3.example", "reg.example"} {
+		e.reg.down[h] = true
+	}
+	err := e.svc.Publish(context.Background(), e.request(t, "vol-2", "reg.example/acme/other:1", "pod", PullIfNotPresent))
+	if !isKind(err, errdefs.ErrUnavailable) || !strings.Contains(err.Error(), "reg.example is down") {
+		t.Errorf("every source down: %v, want the registry's own Unavailable", err)
+	}
+	if got, want := strings.Join(e.reg.resolveHosts(), " "), "m1.example m2.example m3.example reg.example"; got != want {
+		t.Errorf("sources asked: %s, want %s", got, want)
+	}
+}
+
+// TestPublishDamping: an image that failed is not asked for again before
+// its damping window ends; publishes in the window get the same error.
+func TestPublishDamping(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	clock := &fakeClock{t: time.Unix(1_000_000, 0)}
+	e.svc.damp = newDamper(clock.now)
+	const image = "reg.example/acme/missing:1"
+
+	err := e.svc.Publish(context.Background(), e.request(t, "vol-1", image, "pod", PullIfNotPresent))
+	if !isKind(err, errdefs.ErrNotFound) {
+		t.Fatalf("first publish: %v, want ErrNotFound", err)
+	}
+	asked := len(e.reg.resolveHosts())
+	for i := range 3 {
+		clock.advance(100 * time.Millisecond)
+		err := e.svc.Publish(context.Background(), e.request(t, fmt.Sprintf("vol-r%d", i), image, "pod", PullIfNotPresent))
+		if !isKind(err, errdefs.ErrNotFound) {
+			t.Errorf("publish in the damping window: %v, want the last error (ErrNotFound)", err)
+		}
+	}
+	if got := len(e.reg.resolveHosts()); got != asked {
+		t.Errorf("the registry was asked %d more times inside the damping window", got-asked)
+	}
+	// Past the window, the registry is asked again, and now has the image.
+	img := e.reg.add("acme/missing", "")
+	clock.advance(dampingMax + time.Second)
+	req := e.request(t, "vol-later", image, "pod", PullIfNotPresent)
+	if err := e.svc.Publish(context.Background(), req); err != nil {
+		t.Fatalf("publish after the window: %v", err)
+	}
+	e.published(t, req, img.body)
+}
+
+// TestPublishRollbackOfFailedMount: a mount that fails leaves no record, no
+// counted use and no target directory it created; the retry succeeds.
+func TestPublishRollbackOfFailedMount(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	img := e.reg.add("acme/filter", "")
+	e.mnt.failBind = errors.New("operation not permitted")
+	req := e.request(t, "vol-1", "reg.example/acme/filter:1", "pod", PullIfNotPresent)
+
+	err := e.svc.Publish(context.Background(), req)
+	if !isKind(err, errdefs.ErrInternal) || !strings.Contains(err.Error(), "mounting the module at") {
+		t.Fatalf("publish with a failing mount: %v, want ErrInternal", err)
+	}
+	if _, ok, _ := e.svc.store.GetVolume(req.VolumeID, req.TargetPath); ok {
+		t.Error("volume record kept after a failed mount")
+	}
+	rec, ok := e.svc.store.GetRef(mustRef(t, "reg.example/acme/filter:1").String())
+	if !ok {
+		t.Fatal("the pulled module's tag record is gone")
+	}
+	if got := e.svc.uses.Count(rec.Module); got != 0 {
+		t.Errorf("module counted %d uses after a failed publish, want 0", got)
+	}
+	if _, err := os.Stat(req.TargetPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("target path created by the failed publish is still there: %v", err)
+	}
+
+	e.mnt.failBind = nil
+	if err := e.svc.Publish(context.Background(), req); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	if got := e.svc.uses.Count(e.published(t, req, img.body)); got != 1 {
+		t.Errorf("module counted %d uses after the retry, want 1", got)
+	}
+	if got := e.reg.pullCount(); got != 1 {
+		t.Errorf("%d downloads, want 1 (the retry uses the stored module)", got)
+	}
+}
+
+// TestGCDuringPublish: a collection that runs in the middle of a publish,
+// with limits that want every module gone, removes the unused ones but not
+// the module being published; once unpublished, that one goes too.
+func TestGCDuringPublish(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	img := e.reg.add("acme/filter", "")
+	e.reg.add("acme/unused", "")
+	unused := e.request(t, "vol-unused", "reg.example/acme/unused:1", "pod", PullIfNotPresent)
+	if err := e.svc.Publish(context.Background(), unused); err != nil {
+		t.Fatal(err)
+	}
+	unusedModule := e.published(t, unused, bodyOf(e, unused))
+	if err := e.svc.Unpublish(context.Background(), unused.VolumeID, unused.TargetPath); err != nil {
+		t.Fatal(err)
+	}
+
+	policy := store.GCPolicy{MaxStoreBytes: 1, MinimumAge: time.Nanosecond}
+	later := time.Now().Add(time.Hour)
+	var during store.GCResult
+	var gcErr error
+	e.mnt.onView = func() {
+		e.mnt.onView = nil
+		during, gcErr = e.svc.store.Collect(e.svc.uses, policy, later, e.svc.log)
+	}
+	req := e.request(t, "vol-1", "reg.example/acme/filter:1", "pod", PullIfNotPresent)
+	if err := e.svc.Publish(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if gcErr != nil {
+		t.Fatal(gcErr)
+	}
+	module := e.published(t, req, img.body)
+	if during.Removed != 1 || during.InUseModules != 1 {
+		t.Errorf("collection during the publish: %+v, want the unused module removed and the published one kept", during)
+	}
+	if e.svc.store.HasBlob(unusedModule) {
+		t.Error("the unused module survived the collection")
+	}
+	if !e.svc.store.HasBlob(module) {
+		t.Fatal("the module being published was collected")
+	}
+
+	if err := e.svc.Unpublish(context.Background(), req.VolumeID, req.TargetPath); err != nil {
+		t.Fatal(err)
+	}
+	after, err := e.svc.store.Collect(e.svc.uses, policy, later, e.svc.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Removed != 1 || e.svc.store.HasBlob(module) {
+		t.Errorf("collection after the unpublish: %+v, want the module removed", after)
+	}
+}
+
+// bodyOf is the body the fake registry serves for req's image.
+func bodyOf(e *unitEnv, req PublishRequest) []byte {
+	e.reg.mu.Lock()
+	defer e.reg.mu.Unlock()
+	return e.reg.images[req.Image.Repository].body
+}
