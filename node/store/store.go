@@ -138,6 +138,14 @@ func (s *Store) removeTemps() error {
 		}
 		if p != s.root && strings.HasPrefix(d.Name(), tmpPrefix) { // not the root itself, whatever its name
 			if d.IsDir() {
+				// Make its directories writable first: root ignores their
+				// modes, an unprivileged owner (a test) does not.
+				_ = filepath.WalkDir(p, func(q string, e os.DirEntry, err error) error {
+					if err == nil && e.IsDir() {
+						_ = os.Chmod(q, 0o700)
+					}
+					return nil
+				})
 				if err := os.RemoveAll(p); err != nil {
 					return err
 				}
