@@ -75,7 +75,7 @@ testdata:
 # engine needed): `ctr -n k8s.io images import bin/wasm-csi-driver-image.tar`.
 # With Docker: docker build -f cmd/wasm-csi-driver/Dockerfile .
 image: build
-	$(GO) run ./test/tools/mkimage -o $(BIN)/wasm-csi-driver-image.tar -name $(IMAGE) \
+	$(GO) run ./cmd/mkimage -o $(BIN)/wasm-csi-driver-image.tar -name $(IMAGE) \
 		-entrypoint /wasm-csi-driver $(BIN)/wasm-csi-driver=/wasm-csi-driver
 
 demo: tools build

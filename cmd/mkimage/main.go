@@ -2,7 +2,7 @@
 // and writes it as an OCI image-layout tarball, which `ctr images import`,
 // `docker load` (with the index) and `skopeo copy oci-archive:` accept. It
 // exists because these machines have no Docker engine; with one, the
-// Dockerfile at the repository root builds the same image.
+// Dockerfile in cmd/wasm-csi-driver builds the same image.
 //
 //	mkimage -o bin/image.tar -name ghcr.io/wasm-csi/wasm-csi-driver:dev \
 //	  -entrypoint /wasm-csi-driver bin/wasm-csi-driver=/wasm-csi-driver
