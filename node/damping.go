@@ -34,6 +34,16 @@ const (
 
 // damper holds the damping of every image that failed lately, keyed by
 // image reference. Its clock is injected for tests.
+//
+// It is not client-go's flowcontrol.Backoff (kubelet's image pull backoff),
+// on purpose: Backoff keeps one duration per key and nothing else, while a
+// damped pull must fail with the image's last error (its kind, so its code,
+// and its message), which needs this map anyway; Backoff counts failures per
+// key, while here a refusal for one set of credentials and a failure of the
+// image share the image's count (the windows differ, the streak does not);
+// and Backoff forgets a key 2×max after its last failure, where this forgets
+// an image max after its window ended (TestDamperForgets). What Backoff would
+// replace is the doubling and the cap, the two lines of failed().
 type damper struct {
 	now       func() time.Time
 	base, max time.Duration

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
@@ -317,4 +319,30 @@ func bodyOf(e *unitEnv, req PublishRequest) []byte {
 	e.reg.mu.Lock()
 	defer e.reg.mu.Unlock()
 	return e.reg.images[req.Image.Repository].body
+}
+
+// TestValidationSlotsFollowThePullsContext: a pull waits for a validation
+// slot only as long as its own context lives; with a slot free it goes on.
+func TestValidationSlotsFollowThePullsContext(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	img := e.reg.add("acme/filter", "")
+	e.svc.cfg.PullTimeout = 50 * time.Millisecond
+	e.svc.validate = semaphore.NewWeighted(1)
+	if err := e.svc.validate.Acquire(context.Background(), 1); err != nil {
+		t.Fatal(err)
+	}
+	req := e.request(t, "vol-1", "reg.example/acme/filter:1", "pod", PullIfNotPresent)
+	err := e.svc.Publish(context.Background(), req)
+	if !isKind(err, errdefs.ErrInternal) || !isKind(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "validation slot") {
+		t.Fatalf("publish with every validation slot taken past the pull's timeout: %v", err)
+	}
+	if _, ok := e.svc.store.GetRef(req.Image.String()); ok {
+		t.Error("a module that was never validated was recorded")
+	}
+	e.svc.validate.Release(1)
+	e.svc.cfg.PullTimeout = DefaultPullTimeout
+	if err := e.svc.Publish(context.Background(), req); err != nil {
+		t.Fatalf("publish with a slot free: %v", err)
+	}
+	e.published(t, req, img.body)
 }

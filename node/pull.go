@@ -235,8 +235,12 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 		return store.RefRecord{}, err
 	}
 	d, err := w.Commit(func(path string) error {
-		s.validate <- struct{}{}
-		defer func() { <-s.validate }()
+		// The pull's context: a pull that runs out of time waiting for
+		// a slot gives up instead of queueing on.
+		if err := s.validate.Acquire(ctx, 1); err != nil {
+			return errdefs.New(errdefs.ErrInternal, "", err, "waiting for a validation slot (%d at a time): the pull ran out of time", s.cfg.MaxConcurrentValidations)
+		}
+		defer s.validate.Release(1)
 		return wasmcheck.CheckFile(path, st.validation)
 	})
 	if err != nil {

@@ -29,6 +29,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
@@ -151,7 +152,7 @@ type Service struct {
 	locks    *keyedLock
 	uses     *store.Uses
 	cur      atomic.Pointer[settings]
-	validate chan struct{}
+	validate *semaphore.Weighted // validation slots: each validation holds memory
 	damp     *damper
 
 	bgMu          sync.Mutex
@@ -179,7 +180,7 @@ func NewService(cfg Config, st *store.Store, m Mounter, log *slog.Logger) (*Serv
 		return nil, err
 	}
 	s := &Service{cfg: cfg, store: st, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
-		validate: make(chan struct{}, cfg.MaxConcurrentValidations), damp: newDamper(nil)}
+		validate: semaphore.NewWeighted(int64(cfg.MaxConcurrentValidations)), damp: newDamper(nil)}
 	// Records of volumes kubelet cleaned up while the daemon was down.
 	if _, err := s.reconcile(); err != nil {
 		return nil, err
