@@ -18,7 +18,7 @@ func codeOf(err error) codes.Code {
 		return codes.InvalidArgument
 	case errors.Is(err, errdefs.ErrNotFound):
 		return codes.NotFound
-	case errors.Is(err, errdefs.ErrUnauthorized):
+	case errors.Is(err, errdefs.ErrUnauthorized), errors.Is(err, errdefs.ErrNotAllowed):
 		return codes.PermissionDenied
 	case errors.Is(err, errdefs.ErrPullPending):
 		return codes.DeadlineExceeded
@@ -26,7 +26,7 @@ func codeOf(err error) codes.Code {
 		return codes.Unavailable
 	case errors.Is(err, errdefs.ErrUnsupportedImage), errors.Is(err, errdefs.ErrInvalidModule),
 		errors.Is(err, errdefs.ErrTooLarge), errors.Is(err, errdefs.ErrDigestMismatch),
-		errors.Is(err, errdefs.ErrNotPresent):
+		errors.Is(err, errdefs.ErrNotPresent), errors.Is(err, errdefs.ErrConfigInvalid):
 		return codes.FailedPrecondition
 	case errors.Is(err, errdefs.ErrVolumeConflict):
 		return codes.AlreadyExists

@@ -68,6 +68,8 @@ var sentinels = []codeCase{
 	{"errdefs.ErrVolumeConflict", errdefs.ErrVolumeConflict, codes.AlreadyExists},
 	{"errdefs.ErrNoSpace", errdefs.ErrNoSpace, codes.ResourceExhausted},
 	{"errdefs.ErrInternal", errdefs.ErrInternal, codes.Internal},
+	{"errdefs.ErrNotAllowed", errdefs.ErrNotAllowed, codes.PermissionDenied},
+	{"errdefs.ErrConfigInvalid", errdefs.ErrConfigInvalid, codes.FailedPrecondition},
 }
 
 func TestCodeOf(t *testing.T) {

@@ -57,7 +57,12 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (store.RefRec
 		}
 		return *acc
 	}
-	rec, cached, err := s.lookup(ctx, req, accessOf)
+	var rec store.RefRecord
+	var cached bool
+	err := s.admit(req.Image)
+	if err == nil {
+		rec, cached, err = s.lookup(ctx, req, accessOf)
+	}
 	ev := s.cfg.Events
 	switch {
 	case ev == nil:

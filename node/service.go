@@ -38,6 +38,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/puller/imagematch"
 )
 
 // PullPolicy says when a publish asks the registry.
@@ -136,6 +137,10 @@ type Config struct {
 
 // settings are what the config file can change while the daemon runs.
 type settings struct {
+	// allowed bounds the images pods may name when restricted
+	// (registries.allowed is set).
+	allowed    imagematch.List
+	restricted bool
 	puller     Puller
 	validation wasmcheck.Mode
 	gc         store.GCPolicy
@@ -154,6 +159,8 @@ type Service struct {
 	cur      atomic.Pointer[settings]
 	validate *semaphore.Weighted // validation slots: each validation holds memory
 	damp     *damper
+
+	cfgStatus configStatus
 
 	bgMu          sync.Mutex
 	bg            context.Context
@@ -225,11 +232,15 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	if q := fc.Limits.MaxStoreSize; q != nil {
 		gc.MaxStoreBytes = q.Value()
 	}
+	allowed, restricted, err := fc.Registries.AllowedImages()
+	if err != nil {
+		return err
+	}
 	var images []string
 	for _, p := range fc.PrePull {
 		images = append(images, p.Image)
 	}
-	s.cur.Store(&settings{puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images})
+	s.cur.Store(&settings{allowed: allowed, restricted: restricted, puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images})
 	s.cfg.Metrics.StoreCap(gc.MaxStoreBytes)
 	s.damp.reset() // new registry settings may fix what failed
 	s.startPrePull(images)

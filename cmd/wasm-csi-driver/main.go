@@ -220,14 +220,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	if cfg.ConfigFile != "" {
-		w := &config.Watcher{Path: cfg.ConfigFile, Log: log, Apply: func(fc config.FileConfig) {
-			if err := svc.Reconfigure(fc); err != nil {
-				log.Error("config not applied", "path", cfg.ConfigFile, "err", err)
-			}
-		}}
-		if err := w.Load(); err != nil {
-			log.Error("config not applied; running with defaults until it is fixed", "path", cfg.ConfigFile, "err", err)
-		}
+		w := &config.Watcher{Path: cfg.ConfigFile, Log: log, Apply: svc.ApplyConfigFile, Refused: svc.ConfigRefused}
+		// A refused file is logged by Load and reported to the service,
+		// which then serves nothing until a good file is applied.
+		_ = w.Load()
 		go func() {
 			if err := w.Run(ctx); err != nil {
 				log.Error("config watch stopped", "path", cfg.ConfigFile, "err", err)
@@ -245,7 +241,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve() }()
-	checks := []func(context.Context) error{srv.Check, st.Check}
+	checks := []func(context.Context) error{srv.Check, st.Check, svc.CheckConfig}
 	if cfg.RegistrationDir != "" {
 		rs, err := csi.ListenRegistration(filepath.Join(cfg.RegistrationDir, csi.RegistrationSocketName(cfg.DriverName)),
 			cfg.DriverName, cfg.KubeletCSIEndpoint, log)

@@ -1,6 +1,7 @@
-// Package config reads the driver's --config file: registries (insecure,
-// mirrors, blocked networks), limits, validation and the pre-pull list, and
-// watches it for changes (including kubelet's ConfigMap symlink swap).
+// Package config reads the driver's --config file: registries (allowed
+// images, insecure, mirrors, blocked networks), limits, validation and the
+// pre-pull list, and watches it for changes (the file itself and kubelet's
+// ConfigMap symlink swap, nothing else in its directory).
 //
 // It owns: the file's schema, its strict parsing and the checks of its
 // values, and the watcher that re-reads it.
@@ -13,13 +14,16 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -28,11 +32,13 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/imagematch"
 )
 
 // FileConfig is the --config YAML file:
 //
 //	registries:
+//	  allowed: [ghcr.io/acme]              # if set, the only images pods and prePull may name
 //	  insecure: [registry.local:5000]      # plain HTTP, added to --insecure-registry
 //	  mirrors:                             # tried first, the registry itself after
 //	    ghcr.io: [mirror.internal:5000]
@@ -52,14 +58,47 @@ type FileConfig struct {
 	PrePull    []PrePullImage   `json:"prePull,omitempty"`
 }
 
-// RegistriesConfig is how registries are reached.
+// RegistriesConfig is which images may be named and how registries are
+// reached.
 type RegistriesConfig struct {
+	// Allowed, if set, lists the only images a pod or prePull may name, as
+	// HOST[:PORT][/PATH] patterns (puller/imagematch). Unset (nil) allows
+	// every image; an empty list allows none.
+	Allowed  *[]string           `json:"allowed,omitempty"`
 	Insecure []string            `json:"insecure,omitempty"`
 	Mirrors  map[string][]string `json:"mirrors,omitempty"`
 	// BlockedCIDRs are networks never dialed for an image (unless the host
 	// is named in insecure, a mirror or --insecure-registry), beside the
 	// loopback, link-local and cloud-metadata addresses that always are.
 	BlockedCIDRs []string `json:"blockedCIDRs,omitempty"`
+}
+
+// AllowedImages parses registries.allowed. restricted is false when the key
+// is not set (every image allowed).
+func (r RegistriesConfig) AllowedImages() (list imagematch.List, restricted bool, err error) {
+	if r.Allowed == nil {
+		return nil, false, nil
+	}
+	var errs []error
+	for i, s := range *r.Allowed {
+		p, err := imagematch.Parse(s)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("registries.allowed[%d]: %w", i, err))
+			continue
+		}
+		list = append(list, p)
+	}
+	if len(errs) > 0 {
+		return nil, true, errors.Join(errs...)
+	}
+	return list, true, nil
+}
+
+func (c FileConfig) allowedPatterns() []string {
+	if c.Registries.Allowed == nil {
+		return nil
+	}
+	return *c.Registries.Allowed
 }
 
 // BlockedNetworks parses registries.blockedCIDRs.
@@ -146,9 +185,18 @@ func (c FileConfig) Validate() error {
 	if _, err := wasmcheck.ParseMode(c.Validation); err != nil {
 		errs = append(errs, fmt.Errorf("validation: %w", err))
 	}
+	allowed, restricted, err := c.Registries.AllowedImages()
+	if err != nil {
+		errs = append(errs, err)
+	}
 	for i, p := range c.PrePull {
-		if _, err := puller.ParseReference(p.Image); err != nil {
+		ref, err := puller.ParseReference(p.Image)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("prePull[%d]: %w", i, err))
+			continue
+		}
+		if _, ok := allowed.Match(ref.Registry, ref.Repository); restricted && !ok {
+			errs = append(errs, fmt.Errorf("prePull[%d]: image %s is outside registries.allowed; add a pattern for it or remove it from prePull", i, p.Image))
 		}
 	}
 	return errors.Join(errs...)
@@ -201,48 +249,96 @@ func checkHost(h string) error {
 	return nil
 }
 
-// Watcher re-reads the config file when it changes, including the
-// atomic "..data" symlink swap kubelet uses for ConfigMap volumes. A file
-// that fails to parse keeps the last good config and is logged with why.
+// MaxConfigFileSize bounds how much of the config file is read: a larger
+// file is refused, not parsed.
+const MaxConfigFileSize = 1 << 20
+
+// Watcher re-reads the config file when it changes: the file itself
+// (written in place, or renamed over) or kubelet's atomic "..data" symlink
+// swap for ConfigMap volumes, nothing else in its directory. A file that
+// cannot be read, is over MaxConfigFileSize or does not parse is refused:
+// the config in force stays, and the refusal is logged once per content
+// (not once per event).
 type Watcher struct {
-	Path  string
-	Log   *slog.Logger
-	Apply func(FileConfig)
+	Path string
+	Log  *slog.Logger
+	// Apply puts a parsed config in force; an error refuses it as a parse
+	// error would.
+	Apply func(FileConfig) error
+	// Refused, if set, is told each new refusal (also the one Load returns).
+	Refused func(error)
 	// Debounce coalesces bursts of events (default 200ms).
 	Debounce time.Duration
 
-	last [32]byte
+	mu      sync.Mutex
+	applied bool     // a config from the file is in force
+	last    [32]byte // its content's sha256
+	badKey  string   // what was refused last ("" when the file in force is the file on disk)
 }
 
-// Load reads the file once and applies it. A missing file applies the
-// defaults; a bad file is an error and applies nothing.
+// Load reads the file and applies it. An error (a missing, unreadable,
+// oversized or invalid file, or one Apply refuses) applies nothing; it is
+// logged and passed to Refused unless it is the same refusal as the last.
 func (w *Watcher) Load() error {
-	data, err := os.ReadFile(w.Path)
-	if errors.Is(err, os.ErrNotExist) {
-		w.Log.Warn("config file not found; using defaults until it appears", "path", w.Path)
-		w.Apply(FileConfig{})
-		return nil
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	data, key, err := w.read()
+	if err == nil {
+		sum := sha256.Sum256(data)
+		if w.applied && sum == w.last && w.badKey == "" {
+			return nil // unchanged
+		}
+		key = hex.EncodeToString(sum[:])
+		var c FileConfig
+		if c, err = ParseFileConfig(data); err == nil {
+			err = w.Apply(c)
+		}
+		if err == nil {
+			w.applied, w.last, w.badKey = true, sum, ""
+			w.Log.Info("config loaded", "path", w.Path, "allowed", len(c.allowedPatterns()), "insecure", len(c.Registries.Insecure),
+				"mirrors", len(c.Registries.Mirrors), "prePull", len(c.PrePull), "validation", c.Validation)
+			return nil
+		}
+		err = fmt.Errorf("config %s: %w", w.Path, err)
 	}
-	if err != nil {
-		return fmt.Errorf("reading config %s: %w", w.Path, err)
+	if key != w.badKey {
+		w.badKey = key
+		if w.applied {
+			w.Log.Error("config not applied; keeping the last good config", "path", w.Path, "err", err)
+		} else {
+			w.Log.Error("config not applied; no module is served until it is fixed", "path", w.Path, "err", err)
+		}
+		if w.Refused != nil {
+			w.Refused(err)
+		}
 	}
-	sum := sha256.Sum256(data)
-	if sum == w.last {
-		return nil
-	}
-	c, err := ParseFileConfig(data)
-	if err != nil {
-		return fmt.Errorf("config %s: %w", w.Path, err)
-	}
-	w.last = sum
-	w.Apply(c)
-	w.Log.Info("config loaded", "path", w.Path, "insecure", len(c.Registries.Insecure),
-		"mirrors", len(c.Registries.Mirrors), "prePull", len(c.PrePull), "validation", c.Validation)
-	return nil
+	return err
 }
 
-// Run watches the file's directory until ctx ends. It watches the
-// directory, not the file, so renames and symlink swaps are seen.
+// read returns the file's bytes, or an error and a key naming it (so the
+// same failure is reported once).
+func (w *Watcher) read() ([]byte, string, error) {
+	f, err := os.Open(w.Path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, "missing", fmt.Errorf("config file %s not found; create it (an empty file means the defaults) or drop --config", w.Path)
+	}
+	if err != nil {
+		return nil, "open:" + err.Error(), fmt.Errorf("reading config %s: %w", w.Path, err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxConfigFileSize+1))
+	if err != nil {
+		return nil, "read:" + err.Error(), fmt.Errorf("reading config %s: %w", w.Path, err)
+	}
+	if len(data) > MaxConfigFileSize {
+		return nil, "size", fmt.Errorf("config %s is over %d bytes; it is not read", w.Path, MaxConfigFileSize)
+	}
+	return data, "", nil
+}
+
+// Run watches the file's directory until ctx ends, reloading on changes to
+// the file or to kubelet's "..data" link. It watches the directory, not the
+// file, so renames and symlink swaps are seen.
 func (w *Watcher) Run(ctx context.Context) error {
 	if w.Debounce <= 0 {
 		w.Debounce = 200 * time.Millisecond
@@ -252,8 +348,8 @@ func (w *Watcher) Run(ctx context.Context) error {
 		return err
 	}
 	defer fw.Close()
-	dir := filepath.Dir(w.Path)
-	if err := fw.Add(dir); err != nil {
+	dir, name := filepath.Split(filepath.Clean(w.Path))
+	if err := fw.Add(filepath.Clean(dir)); err != nil {
 		return fmt.Errorf("watching %s: %w", dir, err)
 	}
 	var timer <-chan time.Time
@@ -264,6 +360,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 		case ev, ok := <-fw.Events:
 			if !ok {
 				return nil
+			}
+			if base := filepath.Base(ev.Name); base != name && base != "..data" {
+				continue // another file beside the config: a log, an editor's swap file
 			}
 			if ev.Has(fsnotify.Chmod) && !ev.Has(fsnotify.Write) {
 				continue
@@ -276,9 +375,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 			w.Log.Warn("config watch error", "path", w.Path, "err", err)
 		case <-timer:
 			timer = nil
-			if err := w.Load(); err != nil {
-				w.Log.Error("config not applied; keeping the last good config", "path", w.Path, "err", err)
-			}
+			_ = w.Load() // logged and reported by Load, once per refusal
 		}
 	}
 }

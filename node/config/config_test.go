@@ -2,6 +2,7 @@ package config
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -78,7 +79,12 @@ type applied struct {
 	cfgs []FileConfig
 }
 
-func (a *applied) apply(c FileConfig) { a.mu.Lock(); a.cfgs = append(a.cfgs, c); a.mu.Unlock() }
+func (a *applied) apply(c FileConfig) error {
+	a.mu.Lock()
+	a.cfgs = append(a.cfgs, c)
+	a.mu.Unlock()
+	return nil
+}
 
 func (a *applied) last() (FileConfig, int) {
 	a.mu.Lock()
@@ -164,14 +170,188 @@ func TestConfigWatcherConfigMapSwap(t *testing.T) {
 	waitFor(t, "the fixed config", func() bool { c, _ := a.last(); return c.Validation == "proxy-wasm" })
 }
 
+// TestConfigWatcherMissingFile: a --config file that is not there is a
+// refusal (fail closed), not the defaults.
 func TestConfigWatcherMissingFile(t *testing.T) {
 	a := &applied{}
-	w := &Watcher{Path: filepath.Join(t.TempDir(), "absent.yaml"), Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Apply: a.apply}
-	if err := w.Load(); err != nil {
+	var refused []error
+	w := &Watcher{Path: filepath.Join(t.TempDir(), "absent.yaml"), Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Apply: a.apply, Refused: func(err error) { refused = append(refused, err) }}
+	if err := w.Load(); err == nil || !strings.Contains(err.Error(), "not found") {
+		t.Fatalf("Load of a missing file: %v, want not found", err)
+	}
+	if _, n := a.last(); n != 0 {
+		t.Fatalf("a missing file applied a config")
+	}
+	if len(refused) != 1 {
+		t.Fatalf("Refused called %d times, want 1", len(refused))
+	}
+}
+
+// logCounter counts the lines of a slog text handler containing a string.
+type logCounter struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (l *logCounter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logCounter) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.buf.String(), s)
+}
+
+// refusals counts what a Watcher reports to Refused.
+type refusals struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (r *refusals) add(error) { r.mu.Lock(); r.n++; r.mu.Unlock() }
+
+func (r *refusals) count() int { r.mu.Lock(); defer r.mu.Unlock(); return r.n }
+
+// startWatcher loads path and runs a watcher on it until the test ends.
+func startWatcher(t *testing.T, path string) (*Watcher, *applied, *logCounter, *refusals) {
+	t.Helper()
+	logs := &logCounter{}
+	a := &applied{}
+	refused := &refusals{}
+	w := &Watcher{Path: path, Log: slog.New(slog.NewTextHandler(logs, nil)), Apply: a.apply, Debounce: 20 * time.Millisecond,
+		Refused: refused.add}
+	_ = w.Load()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- w.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	time.Sleep(100 * time.Millisecond) // the watch is set up
+	return w, a, logs, refused
+}
+
+func writeFile(t *testing.T, path, body string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, n := a.last(); n != 1 {
-		t.Fatalf("defaults not applied")
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestConfigWatcherIgnoresOtherFiles: a bad config beside a file that keeps
+// changing (a log) is read and logged once, not on every event; a change to
+// the config itself is still seen.
+func TestConfigWatcherIgnoresOtherFiles(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "config.yaml")
+	writeFile(t, cfg, "validation: wasm\n")
+	_, a, logs, refused := startWatcher(t, cfg)
+	writeFile(t, cfg, "validation: bogus\n")
+	waitFor(t, "the refusal", func() bool { return logs.count("config not applied") == 1 })
+	logf := filepath.Join(dir, "driver.log")
+	for i := 0; i < 30; i++ {
+		f, err := os.OpenFile(logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(f, "line %d\n", i)
+		f.Close()
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // ten debounce periods
+	if n := logs.count("config not applied"); n != 1 {
+		t.Errorf("the refusal was logged %d times, want once:\n%s", n, logs.buf.String())
+	}
+	if refused.count() != 1 {
+		t.Errorf("Refused was called %d times, want once", refused.count())
+	}
+	if c, _ := a.last(); c.Validation != "wasm" {
+		t.Errorf("the config in force is %+v, want the last good one", c)
+	}
+	writeFile(t, cfg, "validation: none\n")
+	waitFor(t, "the fixed config", func() bool { c, _ := a.last(); return c.Validation == "none" })
+}
+
+// TestConfigWatcherLogsOncePerContent: the same bad content written again
+// is not logged again; other bad content is; a good file after a bad one
+// is applied, even when it is the last good content again.
+func TestConfigWatcherLogsOncePerContent(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "config.yaml")
+	writeFile(t, cfg, "validation: wasm\n")
+	_, a, logs, refused := startWatcher(t, cfg)
+	_, n0 := a.last()
+	writeFile(t, cfg, "validation: bogus\n")
+	waitFor(t, "the first refusal", func() bool { return logs.count("config not applied") == 1 })
+	writeFile(t, cfg, "validation: bogus\n")
+	time.Sleep(200 * time.Millisecond)
+	if n := logs.count("config not applied"); n != 1 {
+		t.Errorf("the same bad content was logged %d times, want once", n)
+	}
+	writeFile(t, cfg, "registries: [not, a, mapping\n")
+	waitFor(t, "the second refusal", func() bool { return logs.count("config not applied") == 2 })
+	if refused.count() != 2 {
+		t.Errorf("Refused was called %d times, want 2", refused.count())
+	}
+	writeFile(t, cfg, "validation: wasm\n") // the last good content again
+	waitFor(t, "the good file", func() bool { _, n := a.last(); return n == n0+1 })
+	writeFile(t, cfg, "validation: bogus\n") // bad again: a new refusal
+	waitFor(t, "the third refusal", func() bool { return logs.count("config not applied") == 3 })
+}
+
+// TestConfigWatcherRefusals: an oversized file and a config Apply refuses
+// are refused like a parse error; nothing is applied.
+func TestConfigWatcherRefusals(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "config.yaml")
+	writeFile(t, cfg, "# "+strings.Repeat("x", MaxConfigFileSize)+"\n")
+	a := &applied{}
+	w := &Watcher{Path: cfg, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Apply: a.apply}
+	if err := w.Load(); err == nil || !strings.Contains(err.Error(), "over") {
+		t.Errorf("an oversized file: %v", err)
+	}
+	writeFile(t, cfg, "validation: wasm\n")
+	w.Apply = func(FileConfig) error { return fmt.Errorf("no thanks") }
+	if err := w.Load(); err == nil || !strings.Contains(err.Error(), "no thanks") {
+		t.Errorf("a config Apply refuses: %v", err)
+	}
+	if _, n := a.last(); n != 0 {
+		t.Errorf("%d configs applied, want none", n)
+	}
+}
+
+// TestAllowedConfig: registries.allowed is parsed with the image matcher;
+// a bad pattern and a prePull image outside the list are refused, naming
+// the entry.
+func TestAllowedConfig(t *testing.T) {
+	c, err := ParseFileConfig([]byte("registries:\n  allowed: [ghcr.io/acme, 'registry.local:5000']\nprePull:\n- image: ghcr.io/acme/x:1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, restricted, err := c.Registries.AllowedImages()
+	if err != nil || !restricted || len(list) != 2 {
+		t.Errorf("AllowedImages() = %v, %v, %v", list, restricted, err)
+	}
+	c, err = ParseFileConfig([]byte("registries:\n  allowed: []\n"))
+	if _, restricted, _ := c.Registries.AllowedImages(); err != nil || !restricted {
+		t.Errorf("allowed: [] must restrict to nothing: %v %v", restricted, err)
+	}
+	c, err = ParseFileConfig([]byte("validation: wasm\n"))
+	if _, restricted, _ := c.Registries.AllowedImages(); err != nil || restricted {
+		t.Errorf("no allowed key must not restrict: %v %v", restricted, err)
+	}
+	for bad, want := range map[string]string{
+		"registries:\n  allowed: [ghcr.io/acme, 'ghcr.io/a*']\n":                            "registries.allowed[1]",
+		"registries:\n  allowed: [ghcr.io/acme]\nprePull:\n- image: ghcr.io/acmecorp/x:1\n": "prePull[0]: image ghcr.io/acmecorp/x:1 is outside registries.allowed",
+		"registries:\n  allowed: []\nprePull:\n- image: nginx\n":                            "prePull[0]",
+	} {
+		if _, err := ParseFileConfig([]byte(bad)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want an error naming %s", bad, err, want)
+		}
 	}
 }
 

@@ -1,6 +1,7 @@
 // Package metrics holds the driver's Prometheus metrics: pulls and their
 // results, cache lookups, bytes downloaded, pull and publish durations, and
-// gauges of the store read from disk at scrape time.
+// gauges of the store read from disk at scrape time and of the config
+// file's state.
 //
 // It owns: the metric names, help texts and labels, registered in the
 // registry it is given (no global registry).
@@ -28,6 +29,7 @@ type Metrics struct {
 	pullDuration   prometheus.Histogram
 	publishLatency *prometheus.HistogramVec
 	storeMax       prometheus.Gauge
+	config         *prometheus.GaugeVec
 }
 
 // New registers the metrics in reg, including gauges read from the
@@ -60,7 +62,12 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 			Namespace: "wasmcsi", Name: "store_max_bytes",
 			Help: "limits.maxStoreSize in bytes (0: no cap), for the store's use of its cap.",
 		}),
+		config: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "wasmcsi", Name: "config_state",
+			Help: "1 for the config file's state: ok (in force), last_good (refused; the last good config stays), refused (refused at start: nothing is served).",
+		}, []string{"state"}),
 	}
+	m.ConfigState(ConfigOK)
 	// Every label value exported from the start, at zero: a rate() or an
 	// alert on a failure the node has not had yet then sees a 0, not nothing.
 	for _, r := range pullResults {
@@ -72,7 +79,7 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 	for _, r := range []string{"success", "error"} {
 		m.publishLatency.WithLabelValues(r)
 	}
-	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, m.storeMax, newStoreCollector(st)}
+	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, m.storeMax, m.config, newStoreCollector(st)}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -101,6 +108,31 @@ func PullResult(err error) string {
 		return "no_space"
 	}
 	return "error"
+}
+
+// Config states, as the config_state gauge names them.
+const (
+	// ConfigOK: the config file on disk is in force (or there is none).
+	ConfigOK = "ok"
+	// ConfigLastGood: the file was refused; the last good config stays.
+	ConfigLastGood = "last_good"
+	// ConfigRefused: the file was refused before any was applied: nothing
+	// is served until it is fixed.
+	ConfigRefused = "refused"
+)
+
+// ConfigState sets the config_state gauge: 1 for state, 0 for the others.
+func (m *Metrics) ConfigState(state string) {
+	if m == nil {
+		return
+	}
+	for _, st := range []string{ConfigOK, ConfigLastGood, ConfigRefused} {
+		v := 0.0
+		if st == state {
+			v = 1
+		}
+		m.config.WithLabelValues(st).Set(v)
+	}
 }
 
 // Pulled records a pull from a registry: its result, and for a success its

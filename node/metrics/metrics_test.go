@@ -52,3 +52,31 @@ func TestMetricsExportedFromStart(t *testing.T) {
 		}
 	}
 }
+
+// The config state gauge has one series per state, 1 for the current one.
+func TestConfigState(t *testing.T) {
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(prometheus.NewRegistry(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, state := range []string{ConfigOK, ConfigRefused, ConfigLastGood, ConfigOK} {
+		if i > 0 { // the first round checks the state New starts in
+			m.ConfigState(state)
+		}
+		for _, s := range []string{ConfigOK, ConfigLastGood, ConfigRefused} {
+			want := 0.0
+			if s == state {
+				want = 1
+			}
+			if v := testutil.ToFloat64(m.config.WithLabelValues(s)); v != want {
+				t.Errorf("after %s: config_state{state=%q} = %v, want %v", state, s, v, want)
+			}
+		}
+	}
+	var nilMetrics *Metrics
+	nilMetrics.ConfigState(ConfigRefused) // records nothing, does not panic
+}

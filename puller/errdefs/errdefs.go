@@ -62,6 +62,11 @@ var (
 	ErrInternal = errors.New("node operation failed")
 	// ErrPullPending: the caller gave up while its pull goes on.
 	ErrPullPending = errors.New("pull still in progress")
+	// ErrNotAllowed: the image is outside the config's registries.allowed.
+	ErrNotAllowed = errors.New("image not allowed")
+	// ErrConfigInvalid: the config file was refused at start, so nothing
+	// is served until it is fixed (a security setting never fails open).
+	ErrConfigInvalid = errors.New("the driver's config file is invalid")
 )
 
 // Error is what the puller and the node return: the kind (one of the

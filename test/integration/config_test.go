@@ -197,3 +197,187 @@ func TestMetricsAndHealth(t *testing.T) {
 		t.Errorf("/healthz: %d %q", resp.StatusCode, body)
 	}
 }
+
+// healthz returns /healthz's status code and body.
+func healthz(t *testing.T, d *harness.Daemon) (int, string) {
+	t.Helper()
+	base, err := d.MetricsURL()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get(base + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestRegistriesAllowed: an image outside registries.allowed is refused
+// with PermissionDenied before any request to its registry; the list
+// changes live; a prePull entry outside it refuses the whole file and the
+// last good config stays; running pods keep their mounts.
+func TestRegistriesAllowed(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	r := registrytest.StartT(t, registrytest.Options{})
+	mods := map[string][]byte{}
+	for _, repo := range []string{"team/m", "team/sub/m", "teamx/m", "other/m"} {
+		mods[repo] = module(t, repo)
+		if _, err := registrytest.PushWasm(ctx, r.Host()+"/"+repo+":1", mods[repo], registrytest.LayoutCNCF); err != nil {
+			t.Fatal(err)
+		}
+	}
+	host := r.ProxyHost()
+	img := func(repo string) string { return host + "/" + repo + ":1" }
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	config := func(allowed []string, prePull ...string) string {
+		s := fmt.Sprintf("registries:\n  insecure: [%q]\n  allowed: [%s]\n", host, strings.Join(allowed, ", "))
+		if len(prePull) > 0 {
+			s += "prePull:\n"
+			for _, p := range prePull {
+				s += "- image: " + p + "\n"
+			}
+		}
+		return s
+	}
+	writeConfig(t, cfgPath, config([]string{`"` + host + `/team"`, `"*.example.com"`}))
+	e := newEnvOpts(t, harness.DaemonOptions{Args: []string{"--config=" + cfgPath}})
+
+	team := e.mustPublish(img("team/m"), nil)
+	checkFile(t, team, "plugin.wasm", mods["team/m"])
+	sub := e.mustPublish(img("team/sub/m"), nil)
+	checkFile(t, sub, "plugin.wasm", mods["team/sub/m"])
+	for _, repo := range []string{"teamx/m", "other/m"} {
+		e.failPublish(t, map[string]string{"image": img(repo)}, codes.PermissionDenied,
+			img(repo), "registries.allowed", host+"/team, *.example.com")
+		if n := repoRequests(r, repo); n != 0 {
+			t.Errorf("%s: the registry saw %d requests for an image outside registries.allowed", repo, n)
+		}
+	}
+
+	// Live: the list now names other/ only. A new pod of team/m is refused;
+	// the running pods keep their files.
+	loads := countLog(e.d, "config loaded")
+	writeConfig(t, cfgPath, config([]string{`"` + host + `/other"`}))
+	eventually(t, "the new list", func() bool { return countLog(e.d, "config loaded") > loads })
+	req := e.mustPublish(img("other/m"), nil)
+	checkFile(t, req, "plugin.wasm", mods["other/m"])
+	e.failPublish(t, map[string]string{"image": img("team/m")}, codes.PermissionDenied, img("team/m"), host+"/other")
+	// On the node already, and pullPolicy Never: still refused.
+	e.failPublish(t, map[string]string{"image": img("team/m"), "pullPolicy": "Never"}, codes.PermissionDenied, "registries.allowed")
+	checkFile(t, team, "plugin.wasm", mods["team/m"])
+	checkFile(t, sub, "plugin.wasm", mods["team/sub/m"])
+	e.mustUnpublish(team)
+
+	// A prePull entry outside the list refuses the file; the last good
+	// config (other/ only) stays, and nothing is pre-pulled.
+	before := repoRequests(r, "teamx/m")
+	writeConfig(t, cfgPath, config([]string{`"` + host + `/other"`}, img("teamx/m")))
+	eventually(t, "the refusal of the prePull entry", func() bool {
+		return strings.Contains(e.d.Logs(), "prePull[0]: image "+img("teamx/m")+" is outside registries.allowed")
+	})
+	e.failPublish(t, map[string]string{"image": img("team/sub/m")}, codes.PermissionDenied, host+"/other")
+	e.mustPublish(img("other/m"), nil)
+	time.Sleep(time.Second) // a pre-pull, had it started, would have asked by now
+	if n := repoRequests(r, "teamx/m"); n != before {
+		t.Errorf("the refused config's prePull entry was pulled (%d requests)", n-before)
+	}
+
+	// An empty list allows nothing.
+	writeConfig(t, cfgPath, config(nil))
+	eventually(t, "the empty list", func() bool {
+		err := e.publish(e.request(harness.NewPod("empty"), "wasm", map[string]string{"image": img("other/m")}))
+		return err != nil && strings.Contains(err.Error(), "none: the list is empty")
+	})
+}
+
+// TestConfigFailsClosed: a config file refused at start serves nothing
+// (FailedPrecondition naming the error, no registry request), says so on
+// /healthz and in wasmcsi_config_state, and recovers when the file is
+// fixed, without a restart. A file refused later keeps the last good
+// config. The watcher reacts to the config file only, and logs one line
+// per bad content however often other files in its directory change.
+func TestConfigFailsClosed(t *testing.T) {
+	t.Parallel()
+	r := registrytest.StartT(t, registrytest.Options{})
+	mod := module(t, "closed")
+	if _, err := registrytest.PushWasm(context.Background(), r.Host()+"/fc/m:1", mod, registrytest.LayoutCNCF); err != nil {
+		t.Fatal(err)
+	}
+	img := r.ProxyHost() + "/fc/m:1"
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.yaml")
+	good := fmt.Sprintf("registries:\n  insecure: [%q]\n", r.ProxyHost())
+	writeConfig(t, cfgPath, good+"validation: strict\n") // not a validation mode
+	e := newEnvOpts(t, harness.DaemonOptions{Args: []string{"--config=" + cfgPath}})
+
+	e.failPublish(t, map[string]string{"image": img}, codes.FailedPrecondition, img, "config", "validation", `"strict"`)
+	if n := r.Counts().Requests; n != 0 {
+		t.Errorf("the registry saw %d requests while the config was refused", n)
+	}
+	if code, body := healthz(t, e.d); code != http.StatusServiceUnavailable || !strings.Contains(body, `"strict"`) {
+		t.Errorf("/healthz with a refused config: %d %q, want 503 naming the error", code, body)
+	}
+	text := scrape(t, e.d)
+	if metric(t, text, `wasmcsi_config_state{state="refused"}`) != 1 || metric(t, text, `wasmcsi_config_state{state="ok"}`) != 0 {
+		t.Errorf("wasmcsi_config_state does not say refused:\n%s", text)
+	}
+
+	// Other files in the directory change: nothing is re-read or re-logged.
+	logLines := countLog(e.d, "config not applied")
+	if logLines != 1 {
+		t.Errorf("the refusal was logged %d times at start, want once", logLines)
+	}
+	for i := 0; i < 20; i++ {
+		if err := os.WriteFile(filepath.Join(dir, "driver.log"), []byte(strings.Repeat("x", i)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	writeConfig(t, cfgPath, good+"validation: strict\n") // the same bad content again
+	time.Sleep(time.Second)
+	if n := countLog(e.d, "config not applied"); n != 1 {
+		t.Errorf("one bad content was logged %d times, want once", n)
+	}
+
+	// Fixed: served, healthy, ok, without a restart.
+	writeConfig(t, cfgPath, good)
+	eventually(t, "the fixed config", func() bool { return countLog(e.d, "config loaded") > 0 })
+	req := e.mustPublish(img, nil)
+	checkFile(t, req, "plugin.wasm", mod)
+	if code, body := healthz(t, e.d); code != http.StatusOK {
+		t.Errorf("/healthz after the fix: %d %q", code, body)
+	}
+	if v := metric(t, scrape(t, e.d), `wasmcsi_config_state{state="ok"}`); v != 1 {
+		t.Errorf(`wasmcsi_config_state{state="ok"} = %v after the fix`, v)
+	}
+
+	// Refused at reload: the last good config stays, publishes go on.
+	writeConfig(t, cfgPath, "registries: [not, a, mapping\n")
+	eventually(t, "the refusal at reload", func() bool { return strings.Contains(e.d.Logs(), "keeping the last good config") })
+	e.mustPublish(img, nil)
+	if code, _ := healthz(t, e.d); code != http.StatusOK {
+		t.Errorf("/healthz with the last good config in force: %d, want 200", code)
+	}
+	if v := metric(t, scrape(t, e.d), `wasmcsi_config_state{state="last_good"}`); v != 1 {
+		t.Errorf(`wasmcsi_config_state{state="last_good"} = %v`, v)
+	}
+	e.mustUnpublish(req)
+}
+
+// TestConfigMissingFailsClosed: --config naming a file that is not there
+// serves nothing until it appears.
+func TestConfigMissingFailsClosed(t *testing.T) {
+	t.Parallel()
+	cfgPath := filepath.Join(t.TempDir(), "config.yaml")
+	e := newEnvOpts(t, harness.DaemonOptions{Args: []string{"--config=" + cfgPath}})
+	repo := repoName(t, "m")
+	mod := module(t, "missing-config")
+	push(t, repo+":1", mod, registrytest.LayoutCNCF)
+	e.failPublish(t, map[string]string{"image": image(repo + ":1")}, codes.FailedPrecondition, "not found")
+	writeConfig(t, cfgPath, fmt.Sprintf("registries:\n  insecure: [%q]\n", reg.ProxyHost()))
+	eventually(t, "the config", func() bool { return countLog(e.d, "config loaded") > 0 })
+	checkFile(t, e.mustPublish(image(repo+":1"), nil), "plugin.wasm", mod)
+}
