@@ -23,6 +23,9 @@
 #   (test/e2e/tools/pause), the driver (bin/wasm-csi-driver) and the test
 #   gateway (test/tools/gateway). Nothing is pulled from a registry.
 #
+# The runtime reads registry hosts from $STATE/containerd/certs.d/<host>/hosts.toml
+# (none by default; test/clusterbench writes one for its registry).
+#
 # Everything listens on 127.0.0.1: etcd :12379/:12380, kube-apiserver :16443,
 # kubelet :10250 (healthz :10248), containerd on a unix socket in
 # /run/wasm-csi-e2e. Controller-manager and scheduler serve nothing
@@ -315,7 +318,7 @@ restore_host() {
 # --- configuration ----------------------------------------------------------------------
 
 write_configs() {
-	mkdir -p "$STATE/pki" "$STATE/cni/net.d" "$STATE/cni/ipam" "$STATE/kubelet" "$STATE/containerd"
+	mkdir -p "$STATE/pki" "$STATE/cni/net.d" "$STATE/cni/ipam" "$STATE/kubelet" "$STATE/containerd/certs.d"
 	"$STATE/bin/pki" -dir "$STATE/pki" -node "$NODE" -server "https://127.0.0.1:$APISERVER_PORT" -service-ip "$SERVICE_IP"
 
 	# No ipMasq and no portmap: pods talk to the host and each other only,
@@ -364,6 +367,11 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.nri.v1.nri"]
 [plugins]
   [plugins.'io.containerd.cri.v1.images']
     snapshotter = "overlayfs"
+    # Registries the runtime pulls from are configured by a hosts.toml per
+    # host here (the cluster benchmark, test/clusterbench, writes one for
+    # its local plain-HTTP registry). Empty otherwise.
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = "$STATE/containerd/certs.d"
     [plugins.'io.containerd.cri.v1.images'.pinned_images]
       sandbox = "$PAUSE_IMAGE"
 
