@@ -13,7 +13,7 @@ export WASM_CSI_KUBE_BIN_DIR := $(BIN)
 
 IMAGE ?= ghcr.io/wasm-csi/wasm-csi-driver:$(VERSION)
 
-.PHONY: all build tools kube-tools test e2e fuzz lint bench demo testdata image clean
+.PHONY: all build tools kube-tools test e2e fuzz lint bench bench-cluster demo testdata image clean
 
 all: build
 
@@ -67,6 +67,17 @@ fuzz:
 
 bench: tools build
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 50x -timeout 30m ./test/bench/
+
+# The cluster benchmark (root; not part of CI's required run): the e2e
+# cluster brought up, gateway pods given the same module by each way
+# (baseline, init container, image volume, wasm-csi), pod start, registry
+# traffic, node disk and CPU measured, a table printed, CSV and a PNG chart
+# written to bin/clusterbench; always torn down as make e2e is. A smoke run:
+# make bench-cluster CLUSTERBENCH_FLAGS='-n 1 -reps 1 -sizes 1Mi'. On a shared
+# machine: flock /tmp/wasm-csi-e2e.lock make bench-cluster
+CLUSTERBENCH_FLAGS ?=
+bench-cluster: tools build
+	test/clusterbench/run.sh $(CLUSTERBENCH_FLAGS)
 
 testdata:
 	$(GO) run ./test/testdata/gen -o test/testdata/plugin.wasm
