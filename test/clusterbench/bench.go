@@ -173,6 +173,8 @@ func run(ctx context.Context, cfg config) error {
 	total := len(cfg.sizes) * len(cfg.counts) * len(cfg.ways) * cfg.reps * len(cfg.modes)
 	started := time.Now()
 	i := 0
+	// An interrupt stops the runs; what was measured is still reported.
+loop:
 	for _, size := range cfg.sizes {
 		for _, n := range cfg.counts {
 			for _, w := range cfg.ways {
@@ -185,11 +187,12 @@ func run(ctx context.Context, cfg config) error {
 							i, total, time.Since(started).Round(time.Second), sizeLabel(size), n, w.key, mode, rep,
 							r.ok(), n, pct(readyTimes(r), 50), pct(readyTimes(r), 95), r.regRequests, mib(r.regBytes),
 							mib(r.diskRuntime+r.diskPods+r.diskStore), r.load[1], failureNote(r))
-						if ctx.Err() != nil {
-							return ctx.Err()
-						}
 						if err := writeOutputs(cfg.outDir, machine, results); err != nil {
 							return err
+						}
+						if ctx.Err() != nil {
+							b.log("interrupted: reporting the %d runs done", len(results))
+							break loop
 						}
 					}
 				}
@@ -205,8 +208,8 @@ func run(ctx context.Context, cfg config) error {
 	if err := writeChart(filepath.Join(cfg.outDir, "clusterbench.png"), sum, machine); err != nil {
 		return fmt.Errorf("chart: %w", err)
 	}
-	b.log("wrote %s/{runs.csv,pods.csv,summary.csv,machine.txt,clusterbench.png} in %v", cfg.outDir, time.Since(started).Round(time.Second))
-	return nil
+	b.log("wrote %s/{runs.csv,pods.csv,summary.csv,summary.md,machine.txt,clusterbench.png} in %v", cfg.outDir, time.Since(started).Round(time.Second))
+	return ctx.Err()
 }
 
 func failureNote(r runResult) string {
