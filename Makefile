@@ -6,8 +6,10 @@ BIN := $(CURDIR)/bin
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REGISTRY_VERSION := v3.1.2
 HELM_VERSION := v3.22.0
+COSIGN_VERSION := v2.6.5
 LDFLAGS := -X main.version=$(VERSION)
 export WASM_CSI_REGISTRY_BIN := $(BIN)/registry
+export WASM_CSI_COSIGN_BIN := $(BIN)/cosign
 export WASM_CSI_DRIVER_BIN := $(BIN)/wasm-csi-driver
 export WASM_CSI_KUBE_BIN_DIR := $(BIN)
 
@@ -26,6 +28,11 @@ $(BIN)/wasm-csi-driver: $(shell find cmd node csi puller -name '*.go' -not -name
 $(BIN)/registry:
 	GOBIN=$(BIN) $(GO) install github.com/distribution/distribution/v3/cmd/registry@$(REGISTRY_VERSION)
 
+# The real cosign CLI, to sign test images as publishers do (the .sig tag
+# and --new-bundle-format bundle referrers).
+$(BIN)/cosign:
+	GOBIN=$(BIN) $(GO) install github.com/sigstore/cosign/v2/cmd/cosign@$(COSIGN_VERSION)
+
 # A real kube-apiserver and kubectl (built from k8s.io/kubernetes on the Go
 # module proxy through test/kube/tools) and Debian's etcd, for the tests of
 # credentials, RBAC and events. Cached: rebuilt only when the wrapper changes.
@@ -37,7 +44,7 @@ kube-tools:
 $(BIN)/helm:
 	GOBIN=$(BIN) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
-tools: $(BIN)/registry $(BIN)/helm kube-tools
+tools: $(BIN)/registry $(BIN)/helm $(BIN)/cosign kube-tools
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi

@@ -26,7 +26,7 @@ func codeOf(err error) codes.Code {
 		return codes.Unavailable
 	case errors.Is(err, errdefs.ErrUnsupportedImage), errors.Is(err, errdefs.ErrInvalidModule),
 		errors.Is(err, errdefs.ErrTooLarge), errors.Is(err, errdefs.ErrDigestMismatch),
-		errors.Is(err, errdefs.ErrNotPresent), errors.Is(err, errdefs.ErrConfigInvalid):
+		errors.Is(err, errdefs.ErrNotPresent), errors.Is(err, errdefs.ErrConfigInvalid), errors.Is(err, errdefs.ErrNotVerified):
 		return codes.FailedPrecondition
 	case errors.Is(err, errdefs.ErrVolumeConflict):
 		return codes.AlreadyExists

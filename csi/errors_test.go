@@ -65,6 +65,7 @@ var sentinels = []codeCase{
 	{"errdefs.ErrTooLarge", errdefs.ErrTooLarge, codes.FailedPrecondition},
 	{"errdefs.ErrDigestMismatch", errdefs.ErrDigestMismatch, codes.FailedPrecondition},
 	{"errdefs.ErrNotPresent", errdefs.ErrNotPresent, codes.FailedPrecondition},
+	{"errdefs.ErrNotVerified", errdefs.ErrNotVerified, codes.FailedPrecondition},
 	{"errdefs.ErrVolumeConflict", errdefs.ErrVolumeConflict, codes.AlreadyExists},
 	{"errdefs.ErrNoSpace", errdefs.ErrNoSpace, codes.ResourceExhausted},
 	{"errdefs.ErrInternal", errdefs.ErrInternal, codes.Internal},

@@ -259,6 +259,9 @@ type Module struct {
 	Layout Layout
 	// Size is the module's size in bytes.
 	Size int64
+	// Subjects are the manifests a signature may cover: the one the module
+	// came from, then the index(es) it was chosen from, innermost first.
+	Subjects []ocispec.Descriptor
 }
 
 // Pull fetches the image whose top-level manifest is desc and streams its
@@ -273,6 +276,7 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 	if err != nil {
 		return Module{}, err
 	}
+	var indexes []ocispec.Descriptor
 	for depth := 0; m.isIndex(desc.MediaType); depth++ {
 		if depth >= maxIndexDepth {
 			return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, nil, "image index nests more than %d levels deep", maxIndexDepth)
@@ -284,6 +288,7 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 		if child.Digest == desc.Digest {
 			return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, nil, "image index points to itself")
 		}
+		indexes = append([]ocispec.Descriptor{desc}, indexes...)
 		desc = child
 		if m, err = p.fetchManifest(ctx, repo, ref, desc); err != nil {
 			return Module{}, err
@@ -299,7 +304,7 @@ func (p *Puller) Pull(ctx context.Context, ref Reference, desc ocispec.Descripto
 	if err != nil {
 		return Module{}, errdefs.New(errdefs.ErrUnsupportedImage, ref.Original, err, "not a Wasm module in a known layout")
 	}
-	out := Module{Manifest: desc.Digest, Layer: src.Layer.Digest, Layout: src.Layout}
+	out := Module{Manifest: desc.Digest, Layer: src.Layer.Digest, Layout: src.Layout, Subjects: append([]ocispec.Descriptor{desc}, indexes...)}
 	hs := &headerSink{Sink: sink, limit: p.cfg.MaxModuleSize}
 	if err := p.copyLayer(ctx, repo, ref, src, hs); err != nil {
 		return Module{}, err

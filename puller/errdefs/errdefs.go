@@ -46,6 +46,14 @@ var (
 	ErrInvalidModule = errors.New("invalid Wasm module")
 )
 
+// Sentinels of signature verification (puller/verify). A registry that
+// cannot be asked for signatures is ErrUnavailable.
+var (
+	// ErrNotVerified: no signature the image's verification policy trusts
+	// covers it, or no policy matches it and unmatched images are denied.
+	ErrNotVerified = errors.New("signature verification failed")
+)
+
 // Sentinels of the node: the store, volumes and the host.
 var (
 	// ErrInvalidArgument: the caller's request is malformed.
