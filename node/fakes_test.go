@@ -14,6 +14,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"oras.land/oras-go/v2/registry/remote"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/store"
@@ -140,6 +141,13 @@ func (p *fakePuller) Pull(ctx context.Context, ref puller.Reference, desc ocispe
 	return puller.Module{Manifest: desc.Digest, Size: int64(len(img.body)), Layout: puller.LayoutSolo}, nil
 }
 
+// SignatureRepository: the fake registry holds no signatures; the unit
+// tests run without a verification policy (puller/verify and the
+// integration suite test verification against a real registry).
+func (p *fakePuller) SignatureRepository(ref puller.Reference, _ puller.Credential) (*remote.Repository, error) {
+	return nil, errors.New("fakePuller: no signatures")
+}
+
 func (p *fakePuller) Sources(ref puller.Reference) []puller.Reference {
 	var out []puller.Reference
 	for _, m := range p.mirrors[ref.Registry] {
@@ -250,6 +258,8 @@ func (e *countingEvents) Pulling(PodInfo, string) {
 func (e *countingEvents) Pulled(PodInfo, string, store.RefRecord, time.Duration) {}
 func (e *countingEvents) AlreadyPresent(PodInfo, string, store.RefRecord)        {}
 func (e *countingEvents) Failed(PodInfo, string, error)                          {}
+func (e *countingEvents) Verified(PodInfo, string, string, string)               {}
+func (e *countingEvents) VerificationFailed(PodInfo, string, string, error)      {}
 
 // waitPulling waits until n publishes have reached the pull.
 func (e *countingEvents) waitPulling(t *testing.T, n int) {

@@ -12,6 +12,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
 
 // access is who a publish pulls as: its pod's keyrings, and a key naming
@@ -59,9 +60,13 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (store.RefRec
 	}
 	var rec store.RefRecord
 	var cached bool
+	var v verifyVerdict
 	err := s.admit(req.Image)
 	if err == nil {
 		rec, cached, err = s.lookup(ctx, req, accessOf)
+	}
+	if err == nil {
+		v, err = s.verification(ctx, req, rec, accessOf)
 	}
 	ev := s.cfg.Events
 	switch {
@@ -72,6 +77,9 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (store.RefRec
 		ev.AlreadyPresent(req.Pod, req.Image.Original, rec)
 	default:
 		ev.Pulled(req.Pod, req.Image.Original, rec, time.Since(start))
+	}
+	if err == nil {
+		s.report(req, v)
 	}
 	return rec, cached, err
 }
@@ -237,6 +245,17 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 		if errors.As(err, &ne) { // the store failed, e.g. a full disk
 			return store.RefRecord{}, withImage(ne, ref.Original)
 		}
+		return store.RefRecord{}, err
+	}
+	// Signatures are checked while the bytes are still a temp file: a
+	// refused module never reaches a path a pod can mount.
+	subjects := mod.Subjects
+	if len(subjects) == 0 {
+		subjects = []ocispec.Descriptor{desc}
+	}
+	if err := s.verifyPulled(ctx, st, ref, desc.Digest, subjects, func() (verify.Repository, error) {
+		return st.puller.SignatureRepository(src, used)
+	}); err != nil {
 		return store.RefRecord{}, err
 	}
 	d, err := w.Commit(func(path string) error {

@@ -31,6 +31,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
+	"oras.land/oras-go/v2/registry/remote"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/metrics"
@@ -39,6 +40,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 	"github.com/wasm-csi/wasm-csi/puller/imagematch"
+	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
 
 // PullPolicy says when a publish asks the registry.
@@ -80,6 +82,9 @@ type Puller interface {
 	ResolveWith(ctx context.Context, ref puller.Reference, attempts []puller.Credential) (ocispec.Descriptor, puller.Credential, error)
 	Pull(ctx context.Context, ref puller.Reference, desc ocispec.Descriptor, sink puller.Sink, cred puller.Credential) (puller.Module, error)
 	Sources(ref puller.Reference) []puller.Reference
+	// SignatureRepository is ref's repository, reached as the pull reached
+	// it, for reading the image's signatures.
+	SignatureRepository(ref puller.Reference, cred puller.Credential) (*remote.Repository, error)
 }
 
 // Credentials finds the registry credentials a pod may use: its
@@ -95,6 +100,10 @@ type Events interface {
 	Pulled(pod PodInfo, image string, rec store.RefRecord, took time.Duration)
 	AlreadyPresent(pod PodInfo, image string, rec store.RefRecord)
 	Failed(pod PodInfo, image string, err error)
+	// Verified: a signature the image's policy trusts covers the module.
+	Verified(pod PodInfo, image, policy, signer string)
+	// VerificationFailed: warn mode served a module its policy does not verify.
+	VerificationFailed(pod PodInfo, image, policy string, err error)
 }
 
 // Mounter makes and removes the mounts pods see (package mount's Mounter
@@ -145,6 +154,9 @@ type settings struct {
 	validation wasmcheck.Mode
 	gc         store.GCPolicy
 	prePull    []string
+	// verification is the config's signature policies (node/verify.go).
+	verification *verify.Policies
+	verifyLimits verify.Limits
 }
 
 // Service publishes and unpublishes module volumes on this node.
@@ -240,7 +252,11 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	for _, p := range fc.PrePull {
 		images = append(images, p.Image)
 	}
-	s.cur.Store(&settings{allowed: allowed, restricted: restricted, puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images})
+	policies, err := fc.VerificationPolicies()
+	if err != nil {
+		return err
+	}
+	s.cur.Store(&settings{allowed: allowed, restricted: restricted, puller: s.cfg.NewPuller(pc), validation: mode, gc: gc, prePull: images, verification: policies})
 	s.cfg.Metrics.StoreCap(gc.MaxStoreBytes)
 	s.damp.reset() // new registry settings may fix what failed
 	s.startPrePull(images)

@@ -33,6 +33,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/imagematch"
+	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
 
 // FileConfig is the --config YAML file:
@@ -56,6 +57,25 @@ type FileConfig struct {
 	Limits     LimitsConfig     `json:"limits"`
 	Validation string           `json:"validation,omitempty"`
 	PrePull    []PrePullImage   `json:"prePull,omitempty"`
+	// Verification is which signatures images must carry (README
+	// "Verifying modules").
+	Verification verify.Spec `json:"verification,omitempty"`
+}
+
+// VerificationPolicies compiles the verification section, reading the
+// keys, certificates and trusted roots it names; policy images are
+// matched as registries.allowed patterns are.
+func (c FileConfig) VerificationPolicies() (*verify.Policies, error) {
+	return verify.Compile(c.Verification, verify.Options{NewMatcher: func(patterns []string) (func(string, string) bool, error) {
+		l, err := imagematch.ParseList(patterns)
+		if err != nil {
+			return nil, err
+		}
+		return func(registry, repository string) bool {
+			_, ok := l.Match(registry, repository)
+			return ok
+		}, nil
+	}})
 }
 
 // RegistriesConfig is which images may be named and how registries are
@@ -199,6 +219,11 @@ func (c FileConfig) Validate() error {
 			errs = append(errs, fmt.Errorf("prePull[%d]: image %s is outside registries.allowed; add a pattern for it or remove it from prePull", i, p.Image))
 		}
 	}
+	// Keys, certificates and trusted roots are read here, so a policy
+	// naming a missing or bad file keeps the last good config.
+	if _, err := c.VerificationPolicies(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -296,7 +321,8 @@ func (w *Watcher) Load() error {
 		if err == nil {
 			w.applied, w.last, w.badKey = true, sum, ""
 			w.Log.Info("config loaded", "path", w.Path, "allowed", len(c.allowedPatterns()), "insecure", len(c.Registries.Insecure),
-				"mirrors", len(c.Registries.Mirrors), "prePull", len(c.PrePull), "validation", c.Validation)
+				"mirrors", len(c.Registries.Mirrors), "prePull", len(c.PrePull), "validation", c.Validation,
+				"verificationPolicies", len(c.Verification.Policies))
 			return nil
 		}
 		err = fmt.Errorf("config %s: %w", w.Path, err)

@@ -232,3 +232,18 @@ func (e *Events) Failed(pod node.PodInfo, image string, err error) {
 		e.recorder.Eventf(podRef(pod), corev1.EventTypeWarning, "Failed", "Failed to pull Wasm module %q: %v", image, err)
 	}
 }
+
+// Verified: a signature the image's policy trusts covers the module.
+func (e *Events) Verified(pod node.PodInfo, image, policy, signer string) {
+	if e.ok(pod) {
+		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Verified", "Wasm module %q verified by policy %s: signed by %s", image, policy, signer)
+	}
+}
+
+// VerificationFailed: warn mode served a module its policy does not verify.
+func (e *Events) VerificationFailed(pod node.PodInfo, image, policy string, err error) {
+	if e.ok(pod) {
+		e.recorder.Eventf(podRef(pod), corev1.EventTypeWarning, "VerificationFailed",
+			"Wasm module %q served although policy %s (mode warn) does not verify it: %v", image, policy, err)
+	}
+}

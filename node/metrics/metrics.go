@@ -30,6 +30,7 @@ type Metrics struct {
 	publishLatency *prometheus.HistogramVec
 	storeMax       prometheus.Gauge
 	config         *prometheus.GaugeVec
+	verifications  *prometheus.CounterVec
 }
 
 // New registers the metrics in reg, including gauges read from the
@@ -58,6 +59,10 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 			Help:    "NodePublishVolume duration, by result.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12),
 		}, []string{"result"}),
+		verifications: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "wasmcsi", Name: "verifications_total",
+			Help: "Signature checks of modules, by result: verified, refused, warned (served in warn mode), unavailable (the registry could not be asked).",
+		}, []string{"result"}),
 		storeMax: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "wasmcsi", Name: "store_max_bytes",
 			Help: "limits.maxStoreSize in bytes (0: no cap), for the store's use of its cap.",
@@ -73,13 +78,16 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 	for _, r := range pullResults {
 		m.pulls.WithLabelValues(r)
 	}
+	for _, r := range VerificationResults {
+		m.verifications.WithLabelValues(r)
+	}
 	for _, r := range []string{"hit", "miss"} {
 		m.cache.WithLabelValues(r)
 	}
 	for _, r := range []string{"success", "error"} {
 		m.publishLatency.WithLabelValues(r)
 	}
-	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, m.storeMax, m.config, newStoreCollector(st)}
+	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, m.storeMax, m.config, m.verifications, newStoreCollector(st)}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -89,7 +97,19 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 }
 
 // pullResults are the values PullResult returns.
-var pullResults = []string{"success", "not_found", "unauthorized", "unavailable", "invalid_image", "no_space", "error"}
+var pullResults = []string{"success", "not_found", "unauthorized", "unavailable", "invalid_image", "not_verified", "no_space", "error"}
+
+// VerificationResults are the values of verifications_total's result.
+var VerificationResults = []string{"verified", "refused", "warned", "unavailable"}
+
+// Verification records one signature check by result (one of
+// VerificationResults).
+func (m *Metrics) Verification(result string) {
+	if m == nil {
+		return
+	}
+	m.verifications.WithLabelValues(result).Inc()
+}
 
 // PullResult names the outcome of a pull for the pulls_total label.
 func PullResult(err error) string {
@@ -104,6 +124,8 @@ func PullResult(err error) string {
 		return "unavailable"
 	case errors.Is(err, errdefs.ErrUnsupportedImage), errors.Is(err, errdefs.ErrInvalidModule), errors.Is(err, errdefs.ErrTooLarge):
 		return "invalid_image"
+	case errors.Is(err, errdefs.ErrNotVerified):
+		return "not_verified"
 	case errors.Is(err, errdefs.ErrNoSpace):
 		return "no_space"
 	}

@@ -620,3 +620,28 @@ func storageError(err error, doing string) error {
 	}
 	return errdefs.New(errdefs.ErrInternal, "", err, "%s", doing)
 }
+
+// verifyDir holds what the node knows of each manifest's signatures
+// (node/verify.go): the signatures read and the policies they passed.
+func (s *Store) verifyDir() string { return filepath.Join(s.root, "verify") }
+
+func (s *Store) verifyPath(manifest digest.Digest) string {
+	return filepath.Join(s.verifyDir(), manifest.Encoded()+".json")
+}
+
+// GetVerification reads the verification record of manifest into v.
+func (s *Store) GetVerification(manifest digest.Digest, v any) bool {
+	return manifest.Validate() == nil && readJSON(s.verifyPath(manifest), v) == nil
+}
+
+// PutVerification writes the verification record of manifest, as every
+// record is written (temp file, sync, read-only, rename).
+func (s *Store) PutVerification(manifest digest.Digest, v any) error {
+	if err := manifest.Validate(); err != nil {
+		return storageError(err, "a verification record for a bad digest")
+	}
+	if err := os.MkdirAll(s.verifyDir(), 0o755); err != nil {
+		return storageError(err, "creating the verification directory")
+	}
+	return writeJSON(s.verifyPath(manifest), v)
+}

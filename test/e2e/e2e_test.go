@@ -19,6 +19,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/signtest"
 	"github.com/wasm-csi/wasm-csi/test/wasmgen"
 )
 
@@ -428,6 +429,92 @@ func TestE2E(t *testing.T) {
 			}
 		}
 		t.Logf("kubectl describe pod gw-prepulled:\n%s", events)
+	})
+
+	t.Run("verification: a signed module is served, an unsigned one refused with a pod event", func(t *testing.T) {
+		c := c.with(t)
+		kp := signtest.GenerateKeyPair(t)
+		good := newModule(t, run, "signed", reg.Host()+"/e2e/signed/good:1.0", reg.ProxyHost()+"/e2e/signed/good:1.0")
+		bad := newModule(t, run, "unsigned", reg.Host()+"/e2e/signed/bad:1.0", reg.ProxyHost()+"/e2e/signed/bad:1.0")
+		signtest.SignKey(t, kp, reg.Host()+"/e2e/signed/good:1.0", false)
+
+		var cm corev1.ConfigMap
+		if err := c.getJSON(&cm, "-n", driverNamespace, "get", "configmap", "wasm-csi-config"); err != nil {
+			t.Fatal(err)
+		}
+		orig := cm.Data["config.yaml"]
+		var cfg map[string]any
+		if err := yaml.Unmarshal([]byte(orig), &cfg); err != nil {
+			t.Fatalf("the config map's config.yaml: %v", err)
+		}
+		cfg["verification"] = map[string]any{"policies": []any{map[string]any{
+			"name": "e2e-release", "images": []string{reg.ProxyHost() + "/e2e/signed"},
+			"cosign": map[string]any{"ignoreTlog": true, "keys": []any{map[string]string{"pem": kp.PublicPEM}}},
+		}}}
+		edited, err := yaml.Marshal(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		patch := func(data string) error {
+			p, _ := json.Marshal(map[string]any{"data": map[string]string{"config.yaml": data}})
+			_, err := c.run("", "-n", driverNamespace, "patch", "configmap", "wasm-csi-config", "--type=merge", "-p", string(p))
+			return err
+		}
+		if err := patch(string(edited)); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := patch(orig); err != nil {
+				t.Logf("restore the config map: %v", err)
+			}
+		})
+		drv, err := c.driverPod()
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 3*time.Minute, "the driver to load the verification policy", func() (bool, string) {
+			logs, err := c.run("", "-n", driverNamespace, "logs", drv.Name, "--tail=200")
+			return err == nil && (strings.Contains(logs, "verificationPolicies=1") || strings.Contains(logs, `"verificationPolicies":1`)), "no 'config loaded' line with the policy yet"
+		})
+
+		c.apply(c.gatewayPod("gw-signed", good.image, podOpts{}))
+		c.apply(c.gatewayPod("gw-unsigned", bad.image, podOpts{}))
+		c.waitPodReady("gw-signed", 2*time.Minute)
+		c.checkLoaded("gw-signed", good)
+		var refusal, verified string
+		waitUntil(t, 2*time.Minute, "a Verified event on gw-signed and a refusal on gw-unsigned", func() (bool, string) {
+			var seen []string
+			for _, pod := range []string{"gw-signed", "gw-unsigned"} {
+				evs, err := c.events(pod)
+				if err != nil {
+					return false, err.Error()
+				}
+				for _, e := range evs {
+					seen = append(seen, pod+" "+e.Reason+": "+e.Message)
+					switch {
+					case pod == "gw-signed" && e.Reason == "Verified" && strings.Contains(e.Message, "e2e-release"):
+						verified = e.Message
+					case pod == "gw-unsigned" && e.Type == corev1.EventTypeWarning && strings.Contains(e.Message, "e2e-release") &&
+						strings.Contains(e.Message, "no signature"):
+						refusal = e.Reason + ": " + e.Message
+					}
+				}
+			}
+			return verified != "" && refusal != "", fmt.Sprintf("events: %q", seen)
+		})
+		t.Logf("gw-signed: %s", verified)
+		t.Logf("gw-unsigned refused: %s", refusal)
+		p, err := c.pod("gw-unsigned")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Status.Phase == corev1.PodRunning {
+			t.Errorf("gw-unsigned is Running: %s", podState(p))
+		}
+		if n := reg.BlobGets(bad.layer); n != 1 {
+			t.Logf("gw-unsigned: the registry served its blob %d times (each refused pull downloads, checks, drops)", n)
+		}
+		c.must("-n", c.ns, "delete", "pod", "gw-unsigned", "--wait=false")
 	})
 }
 

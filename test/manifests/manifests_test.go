@@ -42,6 +42,7 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/csi"
 	"github.com/wasm-csi/wasm-csi/node"
+	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
 
 // ---------------------------------------------------------------------------
@@ -1389,8 +1390,12 @@ func TestExamplesPresent(t *testing.T) {
 			t.Errorf("example %s: %v", f, err)
 		}
 	}
-	// Each example loads a module from a local file.
+	// Each example loads a module from a local file (but the driver's own
+	// config with a verification policy).
 	for _, f := range yamlFiles(t, examplesDir) {
+		if f == examplesDir+"/"+verificationExample {
+			continue
+		}
 		var n int
 		for _, d := range loadFile(t, f) {
 			n += len(wasmFilenames(t, d.src, d.obj))
@@ -1824,4 +1829,35 @@ func envoyConfigFiles(c corev1.Container) []string {
 		}
 	}
 	return files
+}
+
+const verificationExample = "verification-config.yaml"
+
+// TestVerificationExample: the example verification config is the driver's
+// ConfigMap, its config decodes strictly as the driver's file config, and
+// its policies compile but for the files they name (which live on nodes).
+func TestVerificationExample(t *testing.T) {
+	docs := loadFile(t, examplesDir+"/"+verificationExample)
+	if len(docs) != 1 || docs[0].kind() != "ConfigMap" || docs[0].name() != "wasm-csi-config" || docs[0].namespace() != "wasm-csi" {
+		t.Fatalf("%s is not the wasm-csi-config ConfigMap", verificationExample)
+	}
+	var cm corev1.ConfigMap
+	if err := json.Unmarshal(docs[0].json, &cm); err != nil {
+		t.Fatal(err)
+	}
+	var fc config.FileConfig
+	if err := yaml.UnmarshalStrict([]byte(cm.Data["config.yaml"]), &fc); err != nil {
+		t.Fatalf("config.yaml: %v", err)
+	}
+	if len(fc.Verification.Policies) != 3 {
+		t.Fatalf("%d policies, want a key, a keyless and a notation one", len(fc.Verification.Policies))
+	}
+	// The key policy names no file: it compiles as it is.
+	key := fc.Verification
+	key.Policies = key.Policies[:1]
+	if _, err := verify.Compile(key, verify.Options{NewMatcher: func([]string) (func(string, string) bool, error) {
+		return func(string, string) bool { return true }, nil
+	}}); err != nil {
+		t.Fatalf("the key policy does not compile: %v", err)
+	}
 }
