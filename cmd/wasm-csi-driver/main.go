@@ -190,6 +190,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	if v, found := st.Format(); found != v {
+		log.Info("store migrated", "root", cfg.RootDir, "fromFormat", found, "toFormat", v)
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	met, err := metrics.New(reg, st)

@@ -45,20 +45,34 @@ import (
 //	views/<hex>/<key>/<file>  a hard link to the blob (key: a hash of <file>)
 //	ro/<hex>/<key>            that directory as a read-only overlayfs, which pods mount
 //	volumes/<sha256(id)>.json one record per published volume
+//	format.json               the layout's version (see FormatVersion)
 //
 // Every file is written as a temp file (".tmp-" prefix) in its final
 // directory, synced, made read-only and renamed into place. Temp files are
 // never looked up and are removed at start.
 type Store struct {
-	root string
+	root    string
+	foundAt int // the format version Open found
 }
 
 const tmpPrefix = ".tmp-"
 
 // Open creates the layout under root if needed and removes leftovers of
 // interrupted writes.
+//
+// The store's format version is checked first: a store written by a newer
+// driver is refused (errdefs.ErrStoreFormat) before anything is changed,
+// and an older one is migrated to FormatVersion (see format.go).
 func Open(root string) (*Store, error) {
 	s := &Store{root: root}
+	v, err := s.readFormat()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.checkFormat(v); err != nil {
+		return nil, err
+	}
+	s.foundAt = v
 	for _, d := range []string{s.blobDir(), s.refDir(), s.viewRoot(), s.volumeDir(), s.roRoot(), s.EmptyDir()} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("creating store directory %s: %w", d, err)
@@ -66,6 +80,11 @@ func Open(root string) (*Store, error) {
 	}
 	if err := s.removeTemps(); err != nil {
 		return nil, err
+	}
+	if _, err := os.Stat(s.formatPath()); v < FormatVersion || errors.Is(err, os.ErrNotExist) {
+		if err := s.migrate(v); err != nil {
+			return nil, err
+		}
 	}
 	return s, nil
 }

@@ -64,6 +64,9 @@ var (
 	ErrDigestMismatch = errors.New("module does not match the pinned sha256")
 	// ErrVolumeConflict: the volume id is published at the target with another image.
 	ErrVolumeConflict = errors.New("volume already published with different attributes")
+	// ErrStoreFormat: the store on disk is of a format this driver does not
+	// read (written by a newer driver, or its record is unreadable).
+	ErrStoreFormat = errors.New("unknown store format")
 	// ErrNoSpace: the store's disk is full.
 	ErrNoSpace = errors.New("no space left in the module store")
 	// ErrInternal: a host operation failed (mount, filesystem).

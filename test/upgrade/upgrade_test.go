@@ -10,6 +10,7 @@ package upgrade
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -21,6 +22,7 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/test/harness"
 	"github.com/wasm-csi/wasm-csi/test/registrytest"
 	"github.com/wasm-csi/wasm-csi/test/wasmgen"
@@ -156,8 +158,15 @@ func TestUpgradeFromEarlierDriver(t *testing.T) {
 	old.Stop()
 	t.Logf("driver %s stopped; its store:\n%s", fromCommit, listTree(t, root))
 
-	// The current driver on the same root.
+	// The current driver on the same root: it migrates the store (format
+	// version 0, no record) and records the version it wrote.
 	cur := harness.StartDaemon(t, newBin, harness.DaemonOptions{Root: root, Args: args})
+	if v := formatVersion(t, root); v != store.FormatVersion {
+		t.Errorf("format.json after the upgrade: version %d, want %d", v, store.FormatVersion)
+	}
+	if !strings.Contains(cur.Logs(), `"msg":"store migrated"`) {
+		t.Errorf("the current driver did not log the store's migration:\n%s", cur.Logs())
+	}
 	checkServes(t, "after the upgrade", reqA, mods["a"])
 	checkServes(t, "after the upgrade", reqB1, mods["b"])
 
@@ -206,6 +215,52 @@ func TestUpgradeFromEarlierDriver(t *testing.T) {
 	if logs := cur.Logs(); strings.Contains(logs, "WARNING: DATA RACE") {
 		t.Errorf("data race in the current driver:\n%s", logs)
 	}
+	cur.Stop()
+
+	// A driver older than its store refuses it: the store as a newer
+	// driver would leave it (format version FormatVersion+1).
+	newer := store.FormatVersion + 1
+	fp := filepath.Join(root, "format.json")
+	if err := os.Chmod(fp, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(fp, []byte(fmt.Sprintf(`{"version":%d}`, newer)), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	before := listTree(t, root)
+	runCtx, cancelRun := context.WithTimeout(context.Background(), time.Minute)
+	defer cancelRun()
+	refuse := exec.CommandContext(runCtx, newBin, "--endpoint=unix://"+filepath.Join(dir, "refuse.sock"), "--node-id=test-node",
+		"--root-dir="+root, "--metrics-address=127.0.0.1:0")
+	out, err := refuse.CombinedOutput()
+	if err == nil {
+		t.Fatalf("the driver started on a store of format version %d:\n%s", newer, out)
+	}
+	for _, want := range []string{fmt.Sprintf("format version %d", newer), "newer wasm-csi driver"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("the refusal does not say %q:\n%s", want, out)
+		}
+	}
+	if after := listTree(t, root); after != before {
+		t.Errorf("the refused store was changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	t.Logf("driver on a format %d store: %v\n%s", newer, err, out)
+}
+
+// formatVersion reads the store's format record.
+func formatVersion(t *testing.T, root string) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, "format.json"))
+	if err != nil {
+		t.Fatalf("format record: %v", err)
+	}
+	var rec struct {
+		Version int `json:"version"`
+	}
+	if err := json.Unmarshal(b, &rec); err != nil {
+		t.Fatalf("format.json %q: %v", b, err)
+	}
+	return rec.Version
 }
 
 // volumeRecords counts the store's volume records (volumes/*.json).
