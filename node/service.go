@@ -232,17 +232,9 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	if err != nil {
 		return err
 	}
-	age, err := fc.UnusedModuleAge()
+	gc, err := fc.GCPolicy()
 	if err != nil {
 		return err
-	}
-	minAge, err := fc.MinimumModuleAge()
-	if err != nil {
-		return err
-	}
-	gc := store.GCPolicy{MaxAge: age, MinimumAge: minAge}
-	if q := fc.Limits.MaxStoreSize; q != nil {
-		gc.MaxStoreBytes = q.Value()
 	}
 	allowed, restricted, err := fc.Registries.AllowedImages()
 	if err != nil {

@@ -137,6 +137,20 @@ func newLogger(c Config, w io.Writer) (*slog.Logger, error) {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "inspect" {
+		ic, err := parseInspectFlags(os.Args[2:], os.Stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		if err == nil {
+			err = runInspect(ic, os.Stdout)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "wasm-csi-driver inspect:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	cfg, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)

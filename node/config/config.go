@@ -30,6 +30,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/yaml"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/imagematch"
@@ -245,6 +246,23 @@ func (c FileConfig) MinimumModuleAge() (time.Duration, error) {
 		return 0, fmt.Errorf("limits.minimumModuleAge %s is less than %s: a module just pulled must outlive the publish that pulled it", d, MinimumModuleAgeFloor)
 	}
 	return d, nil
+}
+
+// GCPolicy is the garbage collection the limits ask for.
+func (c FileConfig) GCPolicy() (store.GCPolicy, error) {
+	age, err := c.UnusedModuleAge()
+	if err != nil {
+		return store.GCPolicy{}, err
+	}
+	minAge, err := c.MinimumModuleAge()
+	if err != nil {
+		return store.GCPolicy{}, err
+	}
+	p := store.GCPolicy{MaxAge: age, MinimumAge: minAge}
+	if q := c.Limits.MaxStoreSize; q != nil {
+		p.MaxStoreBytes = q.Value()
+	}
+	return p, nil
 }
 
 // parseAge parses a Go duration or a number of days like "7d"; empty is 0.

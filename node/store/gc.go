@@ -198,6 +198,20 @@ type GCResult struct {
 // counted in uses is never removed; the check and the removal happen under
 // the uses lock, so a publish cannot start using a module being removed.
 func (s *Store) Collect(uses *Uses, policy GCPolicy, now time.Time, log *slog.Logger) (GCResult, error) {
+	return s.sweep(policy, now, func(m storedModule, idle time.Duration, reason string) (bool, error) {
+		inUse, err := uses.unlessUsed(m.digest, func() error { return s.removeModule(m.digest) })
+		if !inUse && err == nil {
+			log.Info("module removed", "digest", m.digest, "bytes", m.size, "idle", idle.Round(time.Second), "reason", reason)
+		}
+		return inUse, err
+	})
+}
+
+// sweep walks the stored modules least recently used first and calls
+// remove for each one policy lets go (unused past MaxAge, or the store over
+// MaxStoreBytes, and not used within MinimumAge); remove says whether the
+// module was in use after all. Collect removes; Inventory only lists.
+func (s *Store) sweep(policy GCPolicy, now time.Time, remove func(m storedModule, idle time.Duration, reason string) (inUse bool, err error)) (GCResult, error) {
 	if policy.MinimumAge <= 0 {
 		policy.MinimumAge = DefaultMinimumModuleAge
 	}
@@ -222,7 +236,11 @@ func (s *Store) Collect(uses *Uses, policy GCPolicy, now time.Time, log *slog.Lo
 			res.TooYoung++
 			continue
 		}
-		inUse, err := uses.unlessUsed(m.digest, func() error { return s.removeModule(m.digest) })
+		reason := "unused past limits.unusedModuleAge"
+		if !tooOld {
+			reason = "store over limits.maxStoreSize"
+		}
+		inUse, err := remove(m, idle, reason)
 		if inUse {
 			res.InUseModules++
 			continue
@@ -233,11 +251,6 @@ func (s *Store) Collect(uses *Uses, policy GCPolicy, now time.Time, log *slog.Lo
 		res.Removed++
 		res.FreedBytes += m.size
 		res.StoreBytes -= m.size
-		reason := "unused past limits.unusedModuleAge"
-		if !tooOld {
-			reason = "store over limits.maxStoreSize"
-		}
-		log.Info("module removed", "digest", m.digest, "bytes", m.size, "idle", idle.Round(time.Second), "reason", reason)
 	}
 	return res, nil
 }

@@ -158,6 +158,54 @@ func TestUpgradeFromEarlierDriver(t *testing.T) {
 	old.Stop()
 	t.Logf("driver %s stopped; its store:\n%s", fromCommit, listTree(t, root))
 
+	// `wasm-csi-driver inspect` reads the earlier driver's store without a
+	// daemon and changes nothing (not even the format record).
+	before := listTree(t, root)
+	inspectOut, err := exec.Command(newBin, "inspect", "--root-dir="+root, "--config=/nonexistent", "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("inspect: %v", err)
+	}
+	var inv struct {
+		Format  int `json:"format"`
+		Modules []struct {
+			Digest  string   `json:"digest"`
+			Size    int64    `json:"size"`
+			Volumes []string `json:"volumes"`
+			Refs    []struct {
+				Ref string `json:"ref"`
+			} `json:"refs"`
+		} `json:"modules"`
+		Volumes []struct {
+			VolumeID   string `json:"volumeID"`
+			TargetPath string `json:"targetPath"`
+			Image      string `json:"image"`
+			PodName    string `json:"podName"`
+		} `json:"volumes"`
+	}
+	if err := json.Unmarshal(inspectOut, &inv); err != nil {
+		t.Fatalf("inspect -o json: %v\n%s", err, inspectOut)
+	}
+	if inv.Format != 0 || len(inv.Modules) != 2 || len(inv.Volumes) != 3 {
+		t.Errorf("inspect of the %s store: format %d, %d modules, %d volumes; want 0, 2, 3:\n%s", fromCommit, inv.Format, len(inv.Modules), len(inv.Volumes), inspectOut)
+	}
+	for _, m := range inv.Modules {
+		want := 1 // a
+		if m.Digest == digest.FromBytes(mods["b"]).String() {
+			want = 2
+		}
+		if len(m.Volumes) != want || len(m.Refs) == 0 || m.Size != int64(len(mods["a"])) && m.Size != int64(len(mods["b"])) {
+			t.Errorf("inspect: module %s: %d volumes, refs %v, size %d", m.Digest, len(m.Volumes), m.Refs, m.Size)
+		}
+	}
+	if after := listTree(t, root); after != before {
+		t.Errorf("inspect changed the store:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	table, err := exec.Command(newBin, "inspect", "--root-dir="+root, "--config=/nonexistent").Output()
+	if err != nil || !strings.Contains(string(table), "MODULE") || !strings.Contains(string(table), images["b"]) {
+		t.Errorf("inspect (table): %v\n%s", err, table)
+	}
+	t.Logf("wasm-csi-driver inspect --root-dir=%s:\n%s", root, table)
+
 	// The current driver on the same root: it migrates the store (format
 	// version 0, no record) and records the version it wrote.
 	cur := harness.StartDaemon(t, newBin, harness.DaemonOptions{Root: root, Args: args})
@@ -227,7 +275,7 @@ func TestUpgradeFromEarlierDriver(t *testing.T) {
 	if err := os.WriteFile(fp, []byte(fmt.Sprintf(`{"version":%d}`, newer)), 0o444); err != nil {
 		t.Fatal(err)
 	}
-	before := listTree(t, root)
+	before = listTree(t, root)
 	runCtx, cancelRun := context.WithTimeout(context.Background(), time.Minute)
 	defer cancelRun()
 	refuse := exec.CommandContext(runCtx, newBin, "--endpoint=unix://"+filepath.Join(dir, "refuse.sock"), "--node-id=test-node",

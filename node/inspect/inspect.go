@@ -1,0 +1,81 @@
+// Package inspect renders what a node's store holds (store.Inventory) for
+// `wasm-csi-driver inspect`: a table for a person, JSON for a script.
+//
+// It owns: the output formats. It must not: read the store itself (the
+// inventory comes from package store) or change anything.
+package inspect
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/wasm-csi/wasm-csi/node/store"
+)
+
+// Formats are the values of -o.
+var Formats = []string{"table", "json"}
+
+// Write renders inv as format ("table" or "json"), with times in the
+// table relative to now.
+func Write(w io.Writer, inv store.Inventory, format string, now time.Time) error {
+	switch format {
+	case "json":
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(inv)
+	case "table", "":
+		return table(w, inv, now)
+	}
+	return fmt.Errorf("output format %q is not one of %s", format, strings.Join(Formats, ", "))
+}
+
+func table(w io.Writer, inv store.Inventory, now time.Time) error {
+	gcNext := map[string]int{}
+	for i, d := range inv.GCNext {
+		gcNext[d.String()] = i + 1
+	}
+	fmt.Fprintf(w, "STORE %s (format %d): %d modules, %d bytes; %d volumes\n\n", inv.Root, inv.Format, len(inv.Modules), inv.StoreBytes, len(inv.Volumes))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MODULE\tSIZE\tLAST USED\tVOLUMES\tGC NEXT\tREFS")
+	for _, m := range inv.Modules {
+		var refs []string
+		for _, r := range m.Refs {
+			refs = append(refs, r.Ref)
+		}
+		next := "-"
+		if n, ok := gcNext[m.Digest.String()]; ok {
+			next = fmt.Sprint(n)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s ago\t%d\t%s\t%s\n", short(m.Digest.String()), m.Size, now.Sub(m.LastUsed).Round(time.Second),
+			len(m.Volumes), next, strings.Join(refs, ","))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VOLUME\tPOD\tIMAGE\tMODULE\tTARGET")
+	for _, v := range inv.Volumes {
+		pod := v.PodNS + "/" + v.PodName
+		if v.PodName == "" {
+			pod = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", short(v.VolumeID), pod, v.Image, short(v.Module.String()), v.TargetPath)
+	}
+	return tw.Flush()
+}
+
+// short cuts a digest or volume id to a readable prefix, as docker does.
+func short(s string) string {
+	if i := strings.IndexByte(s, ':'); i >= 0 && len(s) > i+13 {
+		return s[:i+13]
+	}
+	if len(s) > 16 {
+		return s[:16]
+	}
+	return s
+}
