@@ -30,6 +30,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/test/harness"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -170,6 +171,10 @@ func typedFor(apiVersion, kind string) any {
 		return &appsv1.DaemonSet{}
 	case "apps/v1 Deployment":
 		return &appsv1.Deployment{}
+	case "admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy":
+		return &admissionregistrationv1.ValidatingAdmissionPolicy{}
+	case "admissionregistration.k8s.io/v1 ValidatingAdmissionPolicyBinding":
+		return &admissionregistrationv1.ValidatingAdmissionPolicyBinding{}
 	}
 	return nil
 }
@@ -650,7 +655,8 @@ func reparse(t *testing.T, src string, j []byte) doc {
 
 func clusterScoped(kind string) bool {
 	switch kind {
-	case "Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "GatewayClass", "PriorityClass", "StorageClass":
+	case "Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "GatewayClass", "PriorityClass", "StorageClass",
+		"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding":
 		return true
 	}
 	return false
