@@ -72,8 +72,12 @@ FUZZTIME ?= 15s
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash test/fuzz.sh
 
+# Latency and memory of single publishes (50 iterations each), the pull
+# path's mechanisms against the plain path, then the bursts of many
+# distinct modules at once (one iteration each: a burst takes minutes).
 bench: tools build
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime 50x -timeout 30m ./test/bench/
+	$(GO) test -run '^$$' -bench '^Benchmark(PublishCached|ColdPublish64MiB|DaemonMemory|BlobWrite64MiB|ReadAhead64MiB)$$' -benchmem -benchtime 50x -timeout 60m ./test/bench/
+	$(GO) test -run '^$$' -bench '^BenchmarkBurst$$' -benchtime 1x -timeout 60m -v ./test/bench/
 
 # The cluster benchmark (root; not part of CI's required run): the e2e
 # cluster brought up, gateway pods given the same module by each way
