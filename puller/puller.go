@@ -40,9 +40,7 @@ const (
 	DefaultMaxModuleSize   = 256 << 20
 	DefaultMaxManifestSize = 4 << 20
 	maxIndexDepth          = 2
-	copyBufferSize         = 256 << 10
 	readAheadChunks        = 4
-	readAheadChunkSize     = 1 << 20
 )
 
 // Config is how a Puller reaches registries.
@@ -83,6 +81,10 @@ type Config struct {
 	Transport http.RoundTripper
 	// UserAgent is sent to registries.
 	UserAgent string
+	// Buffers are the buffers every pull takes its read-ahead chunks and
+	// copy buffer from (default: a pool of its own with
+	// DefaultBufferBudget). Pullers that share it share its budget.
+	Buffers *Buffers
 }
 
 // Puller turns an image reference into verified module bytes.
@@ -117,6 +119,9 @@ func New(cfg Config) *Puller {
 	}
 	if cfg.UserAgent == "" {
 		cfg.UserAgent = "wasm-csi"
+	}
+	if cfg.Buffers == nil {
+		cfg.Buffers = NewBuffers(BufferSize, DefaultBufferBudget)
 	}
 	// Token requests of the auth client go through this client too, so
 	// bearer realms meet the same address checks, timeouts and retries.
@@ -361,7 +366,7 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 		return classify(ref, err, "fetching layer "+layer.Digest.String())
 	}
 	// Read the network ahead so the download overlaps hashing and writing.
-	ra := newReadAhead(rc, readAheadChunks, readAheadChunkSize)
+	ra := newReadAhead(rc, readAheadChunks, p.cfg.Buffers)
 	defer func() {
 		cancel() // unblocks the read-ahead goroutine first
 		ra.Close()
@@ -380,7 +385,8 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 		return nil
 	}
 	vr := content.NewVerifyReader(ra, layer)
-	buf := make([]byte, copyBufferSize)
+	buf := p.cfg.Buffers.Get()
+	defer p.cfg.Buffers.Put(buf)
 	if !src.Tar {
 		if _, err := io.CopyBuffer(sink, vr, buf); err != nil {
 			return p.copyError(ref, layer, err)

@@ -5,10 +5,12 @@ import (
 	"sync"
 )
 
-// readAhead reads r in a goroutine into a few fixed chunks, so that the
-// network download overlaps the hashing and writing the caller does with
-// what it reads. Memory is bounded: chunks*chunkSize bytes, whatever the
-// stream's size. Close stops the goroutine.
+// readAhead reads r in a goroutine into a few chunks, so that the network
+// download overlaps the hashing and writing the caller does with what it
+// reads. The chunks come from the node's shared Buffers: the first one
+// always (the read makes progress whatever the budget), up to chunks of
+// them while the budget allows. Close stops the goroutine and gives the
+// chunks back.
 type readAhead struct {
 	full chan *chunk
 	free chan *chunk
@@ -17,6 +19,10 @@ type readAhead struct {
 	done chan struct{}
 	once sync.Once
 	wg   sync.WaitGroup
+	pool *Buffers
+	// held lists every chunk taken from pool; only the goroutine appends,
+	// and Close reads it after the goroutine is gone.
+	held []*chunk
 }
 
 type chunk struct {
@@ -26,24 +32,20 @@ type chunk struct {
 	err error
 }
 
-func newReadAhead(r io.Reader, chunks, chunkSize int) *readAhead {
+func newReadAhead(r io.Reader, chunks int, pool *Buffers) *readAhead {
 	ra := &readAhead{
 		full: make(chan *chunk, chunks),
 		free: make(chan *chunk, chunks),
 		done: make(chan struct{}),
-	}
-	for i := 0; i < chunks; i++ {
-		ra.free <- &chunk{buf: make([]byte, chunkSize)}
+		pool: pool,
 	}
 	ra.wg.Add(1)
 	go func() {
 		defer ra.wg.Done()
 		defer close(ra.full)
 		for {
-			var c *chunk
-			select {
-			case c = <-ra.free:
-			case <-ra.done:
+			c := ra.next(chunks)
+			if c == nil {
 				return
 			}
 			c.n, c.off = 0, 0
@@ -65,6 +67,37 @@ func newReadAhead(r io.Reader, chunks, chunkSize int) *readAhead {
 		}
 	}()
 	return ra
+}
+
+// next returns a chunk to fill: one the consumer is done with, else a new
+// one from the pool while fewer than max are held and the budget allows
+// (the first one always), else the next one the consumer gives back. It
+// returns nil once Close was called.
+func (ra *readAhead) next(max int) *chunk {
+	select {
+	case c := <-ra.free:
+		return c
+	default:
+	}
+	if len(ra.held) < max {
+		var buf []byte
+		if len(ra.held) == 0 {
+			buf = ra.pool.Get()
+		} else {
+			buf = ra.pool.TryGet()
+		}
+		if buf != nil {
+			c := &chunk{buf: buf}
+			ra.held = append(ra.held, c)
+			return c
+		}
+	}
+	select {
+	case c := <-ra.free:
+		return c
+	case <-ra.done:
+		return nil
+	}
 }
 
 // current returns the chunk with unread bytes, fetching the next one when
@@ -123,8 +156,16 @@ func (ra *readAhead) WriteTo(w io.Writer) (int64, error) {
 	}
 }
 
-// Close stops the reading goroutine and waits for it.
+// Close stops the reading goroutine, waits for it and gives the chunks
+// back to the pool. Nothing may be read after Close.
 func (ra *readAhead) Close() {
-	ra.once.Do(func() { close(ra.done) })
-	ra.wg.Wait()
+	ra.once.Do(func() {
+		close(ra.done)
+		ra.wg.Wait()
+		for _, c := range ra.held {
+			ra.pool.Put(c.buf)
+			c.buf = nil
+		}
+		ra.held, ra.cur = nil, nil
+	})
 }

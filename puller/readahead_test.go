@@ -56,7 +56,7 @@ func TestReadAheadDelivers(t *testing.T) {
 		for _, src := range sources {
 			name := strconv.Itoa(size) + "/" + src.name
 			t.Run(name+"/Read", func(t *testing.T) {
-				ra := newReadAhead(src.wrap(bytes.NewReader(data)), raChunks, raChunkSize)
+				ra := newReadAhead(src.wrap(bytes.NewReader(data)), raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 				defer ra.Close()
 				var got []byte
 				buf := make([]byte, 1000) // small, and not a divisor of the chunk size
@@ -79,7 +79,7 @@ func TestReadAheadDelivers(t *testing.T) {
 				}
 			})
 			t.Run(name+"/WriteTo", func(t *testing.T) {
-				ra := newReadAhead(src.wrap(bytes.NewReader(data)), raChunks, raChunkSize)
+				ra := newReadAhead(src.wrap(bytes.NewReader(data)), raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 				defer ra.Close()
 				var out bytes.Buffer
 				n, err := ra.WriteTo(&out)
@@ -93,7 +93,7 @@ func TestReadAheadDelivers(t *testing.T) {
 			t.Run(name+"/ReadAll", func(t *testing.T) {
 				// io.ReadAll uses Read; io.Copy uses WriteTo. Mix a
 				// few Reads with a WriteTo for the rest.
-				ra := newReadAhead(src.wrap(bytes.NewReader(data)), raChunks, raChunkSize)
+				ra := newReadAhead(src.wrap(bytes.NewReader(data)), raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 				defer ra.Close()
 				head := make([]byte, min(size, 10))
 				if _, err := io.ReadFull(ra, head); err != nil {
@@ -139,7 +139,7 @@ func TestReadAheadError(t *testing.T) {
 		data := pattern(size)
 		t.Run(strconv.Itoa(size)+"/Read", func(t *testing.T) {
 			src := &errAfter{r: bytes.NewReader(data), err: boom}
-			ra := newReadAhead(src, raChunks, raChunkSize)
+			ra := newReadAhead(src, raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 			got, err := io.ReadAll(ra)
 			if !errors.Is(err, boom) {
 				t.Fatalf("ReadAll error = %v, want the reader's", err)
@@ -158,7 +158,7 @@ func TestReadAheadError(t *testing.T) {
 		})
 		t.Run(strconv.Itoa(size)+"/WriteTo", func(t *testing.T) {
 			src := &errAfter{r: bytes.NewReader(data), err: boom}
-			ra := newReadAhead(src, raChunks, raChunkSize)
+			ra := newReadAhead(src, raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 			var out bytes.Buffer
 			n, err := ra.WriteTo(&out)
 			if !errors.Is(err, boom) || n != int64(size) || !bytes.Equal(out.Bytes(), data) {
@@ -184,7 +184,7 @@ func (w *failWriter) Write(p []byte) (int, error) {
 
 func TestReadAheadWriterError(t *testing.T) {
 	data := pattern(10 * raChunkSize)
-	ra := newReadAhead(bytes.NewReader(data), raChunks, raChunkSize)
+	ra := newReadAhead(bytes.NewReader(data), raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 	defer ra.Close()
 	n, err := ra.WriteTo(&failWriter{n: 2})
 	if err == nil || err.Error() != "disk full" || n != 2*raChunkSize+1 {
@@ -200,7 +200,7 @@ func TestReadAheadWriterError(t *testing.T) {
 func TestReadAheadCloseUnblocks(t *testing.T) {
 	base := runtime.NumGoroutine()
 	pr, pw := io.Pipe()
-	ra := newReadAhead(pr, raChunks, raChunkSize)
+	ra := newReadAhead(pr, raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 	// Some bytes arrive, then the network stalls: the producer blocks in Read.
 	if _, err := pw.Write([]byte("first bytes")); err != nil {
 		t.Fatal(err)
@@ -236,7 +236,7 @@ func TestReadAheadCloseEarly(t *testing.T) {
 		clear(p)
 		return len(p), nil // endless
 	})
-	ra := newReadAhead(src, raChunks, raChunkSize)
+	ra := newReadAhead(src, raChunks, NewBuffers(raChunkSize, raChunks*raChunkSize))
 	buf := make([]byte, 100)
 	if _, err := io.ReadFull(ra, buf); err != nil {
 		t.Fatal(err)
@@ -266,7 +266,7 @@ func TestReadAheadBoundedMemory(t *testing.T) {
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	ra := newReadAhead(io.LimitReader(zeros{}, size), 4, 256<<10)
+	ra := newReadAhead(io.LimitReader(zeros{}, size), 4, NewBuffers(256<<10, 1<<20))
 	n, err := ra.WriteTo(io.Discard)
 	ra.Close()
 	runtime.ReadMemStats(&after)
