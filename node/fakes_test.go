@@ -255,6 +255,12 @@ func (e *countingEvents) Pulling(PodInfo, string) {
 	e.mu.Unlock()
 	e.changed <- struct{}{}
 }
+
+// WaitingForPullSlot is a Pulling event too: the publish reached the pull.
+func (e *countingEvents) WaitingForPullSlot(p PodInfo, image string, _, _ int) {
+	e.Pulling(p, image)
+}
+
 func (e *countingEvents) Pulled(PodInfo, string, store.RefRecord, time.Duration) {}
 func (e *countingEvents) AlreadyPresent(PodInfo, string, store.RefRecord)        {}
 func (e *countingEvents) Failed(PodInfo, string, error)                          {}

@@ -100,8 +100,13 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 		}
 	}
 	acc := accessOf()
-	if s.cfg.Events != nil {
-		s.cfg.Events.Pulling(req.Pod, req.Image.Original)
+	if ev := s.cfg.Events; ev != nil {
+		if s.slots.WillWait(key) {
+			running, _ := s.slots.Counts()
+			ev.WaitingForPullSlot(req.Pod, req.Image.Original, running, s.slots.Limit())
+		} else {
+			ev.Pulling(req.Pod, req.Image.Original)
+		}
 	}
 	rec, cached, leader, err := s.pull(ctx, req.Image, acc)
 	if err != nil {
@@ -220,6 +225,11 @@ func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Re
 		}
 		return rec, true, nil
 	}
+	release, err := s.pullSlot(ctx, ref)
+	if err != nil {
+		return store.RefRecord{}, false, err
+	}
+	defer release()
 	s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", desc.Digest)
 	rec, err := s.download(ctx, st, ref, src, desc, used)
 	s.cfg.Metrics.Pulled(err, rec.Size, time.Since(start))
@@ -229,6 +239,24 @@ func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Re
 	s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", desc.Digest,
 		"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
 	return rec, false, nil
+}
+
+// pullSlot waits for one of the limits.maxConcurrentPulls download slots,
+// first come first served, on the pull's own context: publishes that give
+// up leave the pull queued, and their retries join it in its place.
+func (s *Service) pullSlot(ctx context.Context, ref puller.Reference) (func(), error) {
+	key := ref.String()
+	if s.slots.WillWait(key) {
+		running, waiting := s.slots.Counts()
+		s.log.Info("waiting for a pull slot", "image", ref.Original, "inFlight", running, "waiting", waiting, "slots", s.slots.Limit())
+	}
+	start := time.Now()
+	release, err := s.slots.Acquire(ctx, key)
+	if err != nil {
+		return nil, errdefs.New(errdefs.ErrUnavailable, ref.Original, err,
+			"waited %s for one of the %d pull slots and the download never started; raise limits.maxConcurrentPulls or pre-pull the module", time.Since(start).Round(time.Second), s.slots.Limit())
+	}
+	return release, nil
 }
 
 // download streams the module into the store, validates it and records

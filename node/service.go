@@ -35,6 +35,7 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/metrics"
+	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
@@ -97,6 +98,7 @@ type Credentials interface {
 // image events do. Implementations must never block a publish.
 type Events interface {
 	Pulling(pod PodInfo, image string)
+	WaitingForPullSlot(pod PodInfo, image string, inFlight, slots int)
 	Pulled(pod PodInfo, image string, rec store.RefRecord, took time.Duration)
 	AlreadyPresent(pod PodInfo, image string, rec store.RefRecord)
 	Failed(pod PodInfo, image string, err error)
@@ -142,6 +144,9 @@ type Config struct {
 	Credentials Credentials
 	// Events records image events on pods (nil: none).
 	Events Events
+	// PullSlots bound the downloads in flight (default: slots of its own);
+	// limits.maxConcurrentPulls sets their number.
+	PullSlots *pullslots.Slots
 }
 
 // settings are what the config file can change while the daemon runs.
@@ -171,6 +176,7 @@ type Service struct {
 	cur      atomic.Pointer[settings]
 	validate *semaphore.Weighted // validation slots: each validation holds memory
 	damp     *damper
+	slots    *pullslots.Slots
 
 	cfgStatus configStatus
 
@@ -194,12 +200,19 @@ func NewService(cfg Config, st *store.Store, m Mounter, log *slog.Logger) (*Serv
 	if cfg.MaxConcurrentValidations <= 0 {
 		cfg.MaxConcurrentValidations = 2
 	}
+	if cfg.PullSlots == nil {
+		cfg.PullSlots = pullslots.New(pullslots.DefaultLimit)
+	}
+	if cfg.Puller.Buffers == nil {
+		cfg.Puller.Buffers = puller.NewBuffers(puller.BufferSize, puller.DefaultBufferBudget)
+	}
 	uses, err := store.NewUses(st)
 	if err != nil {
 		return nil, err
 	}
 	s := &Service{cfg: cfg, store: st, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
-		validate: semaphore.NewWeighted(int64(cfg.MaxConcurrentValidations)), damp: newDamper(nil)}
+		validate: semaphore.NewWeighted(int64(cfg.MaxConcurrentValidations)), damp: newDamper(nil), slots: cfg.PullSlots}
+	s.slots.OnIdle(memoryReleaseDelay, s.releaseMemory)
 	// Records of volumes kubelet cleaned up while the daemon was down.
 	if _, err := s.reconcile(); err != nil {
 		return nil, err
@@ -240,6 +253,11 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	if err != nil {
 		return err
 	}
+	slots := pullslots.DefaultLimit
+	if n := fc.Limits.MaxConcurrentPulls; n != nil {
+		slots = *n
+	}
+	s.slots.SetLimit(slots)
 	var images []string
 	for _, p := range fc.PrePull {
 		images = append(images, p.Image)

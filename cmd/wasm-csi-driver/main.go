@@ -33,6 +33,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/kube"
 	"github.com/wasm-csi/wasm-csi/node/metrics"
 	"github.com/wasm-csi/wasm-csi/node/mount"
+	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/credprovider"
@@ -222,16 +223,20 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		provider = ps
 		log.Info("using credential provider plugins for node credentials", "plugins", ps.Names(), "binDir", cfg.CredentialProviderBinDir)
 	}
+	slots := pullslots.New(pullslots.DefaultLimit)
+	reg.MustRegister(slots.Collector())
 	svc, err := node.NewService(node.Config{
 		Puller: puller.Config{
 			InsecureRegistries: cfg.InsecureRegistries,
 			DockerConfig:       cfg.DockerConfig,
 			CredentialProvider: provider,
 			UserAgent:          "wasm-csi/" + version,
+			Buffers:            puller.NewBuffers(puller.BufferSize, puller.DefaultBufferBudget),
 		},
 		Metrics:     met,
 		Credentials: creds,
 		Events:      events,
+		PullSlots:   slots,
 	}, st, mount.New(), log)
 	if err != nil {
 		return err

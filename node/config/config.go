@@ -50,6 +50,7 @@ import (
 //	  maxStoreSize: 10Gi                   # unused modules are removed past this
 //	  unusedModuleAge: 168h                # unused modules older than this are removed
 //	  minimumModuleAge: 2m                 # never removed within this of their last use
+//	  maxConcurrentPulls: 4                # downloads in flight; more wait for a slot
 //	validation: proxy-wasm                 # proxy-wasm | wasm | none
 //	prePull:                               # pulled on start and on change
 //	- image: ghcr.io/acme/filters/header:1.2.0
@@ -146,6 +147,9 @@ type LimitsConfig struct {
 	// whatever maxStoreSize and unusedModuleAge say (kubelet's
 	// imageMinimumGCAge). Default 2m; at least MinimumModuleAgeFloor.
 	MinimumModuleAge string `json:"minimumModuleAge,omitempty"`
+	// MaxConcurrentPulls bounds the downloads in flight (kubelet's
+	// maxParallelImagePulls); nil: pullslots.DefaultLimit.
+	MaxConcurrentPulls *int `json:"maxConcurrentPulls,omitempty"`
 }
 
 // MinimumModuleAgeFloor is the least limits.minimumModuleAge: a module just
@@ -156,6 +160,10 @@ const MinimumModuleAgeFloor = 30 * time.Second
 type PrePullImage struct {
 	Image string `json:"image"`
 }
+
+// maxPullSlots caps limits.maxConcurrentPulls: each download in flight
+// holds memory and a connection.
+const maxPullSlots = 64
 
 // ParseFileConfig reads a config file strictly: unknown fields and bad
 // values are errors naming the field.
@@ -202,6 +210,9 @@ func (c FileConfig) Validate() error {
 	}
 	if _, err := c.MinimumModuleAge(); err != nil {
 		errs = append(errs, err)
+	}
+	if n := c.Limits.MaxConcurrentPulls; n != nil && (*n < 1 || *n > maxPullSlots) {
+		errs = append(errs, fmt.Errorf("limits.maxConcurrentPulls must be between 1 and %d, not %d", maxPullSlots, *n))
 	}
 	if _, err := wasmcheck.ParseMode(c.Validation); err != nil {
 		errs = append(errs, fmt.Errorf("validation: %w", err))

@@ -24,6 +24,7 @@ limits:
   maxStoreSize: 2Gi
   unusedModuleAge: 7d
   minimumModuleAge: 5m
+  maxConcurrentPulls: 8
 validation: wasm
 prePull:
 - image: ghcr.io/acme/filters/header:1.2.0
@@ -37,6 +38,9 @@ prePull:
 	}
 	if got := c.Limits.MaxStoreSize.Value(); got != 2<<30 {
 		t.Errorf("maxStoreSize = %d", got)
+	}
+	if n := c.Limits.MaxConcurrentPulls; n == nil || *n != 8 {
+		t.Errorf("maxConcurrentPulls = %v", n)
 	}
 	if age, _ := c.UnusedModuleAge(); age != 7*24*time.Hour {
 		t.Errorf("unusedModuleAge = %v", age)
@@ -66,6 +70,9 @@ prePull:
 		"url not host":      "registries:\n  insecure: ['http://x']\n",
 		"bad mirror":        "registries:\n  mirrors:\n    ghcr.io: ['a b']\n",
 		"not yaml mapping":  "- a\n- b\n",
+		"no pull slots":     "limits:\n  maxConcurrentPulls: 0\n",
+		"too many slots":    "limits:\n  maxConcurrentPulls: 1000\n",
+		"fractional slots":  "limits:\n  maxConcurrentPulls: 2.5\n",
 	} {
 		if _, err := ParseFileConfig([]byte(bad)); err == nil {
 			t.Errorf("%s: accepted %q", name, bad)

@@ -209,6 +209,15 @@ func (e *Events) Pulling(pod node.PodInfo, image string) {
 	}
 }
 
+// WaitingForPullSlot: the download waits for one of the slots
+// limits.maxConcurrentPulls allows; the reason is kubelet's Pulling.
+func (e *Events) WaitingForPullSlot(pod node.PodInfo, image string, inFlight, slots int) {
+	if e.ok(pod) {
+		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Pulling",
+			"Waiting for a pull slot to pull Wasm module %q: %d of %d pulls in flight (limits.maxConcurrentPulls)", image, inFlight, slots)
+	}
+}
+
 // Pulled: the module was downloaded, verified and stored.
 func (e *Events) Pulled(pod node.PodInfo, image string, rec store.RefRecord, took time.Duration) {
 	if e.ok(pod) {

@@ -1,0 +1,21 @@
+package node
+
+import (
+	"runtime/debug"
+	"time"
+)
+
+// memoryReleaseDelay is how long the pull slots stay idle after a burst
+// before its memory goes back to the system.
+const memoryReleaseDelay = 5 * time.Second
+
+// releaseMemory gives a burst's memory back once no download runs or
+// waits: the pooled buffers are dropped and the Go runtime collects and
+// returns free memory at once. Left to itself the runtime keeps the heap of
+// a burst mapped until a later collection and its background scavenger
+// (minutes on an idle daemon); a node that took a burst would carry it.
+func (s *Service) releaseMemory() {
+	s.cfg.Puller.Buffers.Trim()
+	debug.FreeOSMemory()
+	s.log.Debug("pulls done: memory given back to the system")
+}

@@ -1,0 +1,213 @@
+package pullslots
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func mustAcquire(t *testing.T, s *Slots, key string) func() {
+	t.Helper()
+	rel, err := s.Acquire(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rel
+}
+
+// acquireAsync asks for a slot in a goroutine and sends its release (or
+// nil on error) once it has one.
+func acquireAsync(ctx context.Context, s *Slots, key string) <-chan func() {
+	ch := make(chan func(), 1)
+	go func() {
+		rel, err := s.Acquire(ctx, key)
+		if err != nil {
+			rel = nil
+		}
+		ch <- rel
+	}()
+	return ch
+}
+
+func waitCounts(t *testing.T, s *Slots, running, waiting int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r, w := s.Counts()
+		if r == running && w == waiting {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("counts are %d running, %d waiting; want %d, %d", r, w, running, waiting)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestLimitAndOrder(t *testing.T) {
+	s := New(2)
+	r1 := mustAcquire(t, s, "a")
+	r2 := mustAcquire(t, s, "b")
+	if !s.WillWait("c") {
+		t.Error("with both slots taken, a new key must wait")
+	}
+	if s.WillWait("a") {
+		t.Error("a key whose download runs does not wait: its publishes join it")
+	}
+	third := acquireAsync(context.Background(), s, "c")
+	waitCounts(t, s, 2, 1)
+	fourth := acquireAsync(context.Background(), s, "d")
+	waitCounts(t, s, 2, 2)
+	if !s.WillWait("c") || !s.WillWait("d") {
+		t.Error("keys that wait must say so")
+	}
+	r1()
+	r1() // a second release is a no-op
+	var r3 func()
+	select {
+	case r3 = <-third:
+	case <-fourth:
+		t.Fatal("the fourth download got the slot before the third: not first come, first served")
+	case <-time.After(10 * time.Second):
+		t.Fatal("a released slot was not handed on")
+	}
+	waitCounts(t, s, 2, 1)
+	r2()
+	r4 := <-fourth
+	waitCounts(t, s, 2, 0)
+	r3()
+	r4()
+	waitCounts(t, s, 0, 0)
+	if s.WillWait("e") {
+		t.Error("with free slots and nobody waiting, a download does not wait")
+	}
+}
+
+func TestWaitEndsWithContext(t *testing.T) {
+	s := New(1)
+	rel := mustAcquire(t, s, "a")
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan error, 1)
+	go func() {
+		_, err := s.Acquire(ctx, "b")
+		ch <- err
+	}()
+	waitCounts(t, s, 1, 1)
+	cancel()
+	if err := <-ch; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Acquire after cancel: %v, want context.Canceled", err)
+	}
+	waitCounts(t, s, 1, 0)
+	rel()
+	mustAcquire(t, s, "c")()
+	waitCounts(t, s, 0, 0)
+}
+
+func TestSetLimit(t *testing.T) {
+	s := New(0)
+	if s.Limit() != DefaultLimit {
+		t.Fatalf("New(0) has %d slots, want the default %d", s.Limit(), DefaultLimit)
+	}
+	s.SetLimit(1)
+	old := mustAcquire(t, s, "a")
+	if !s.WillWait("b") {
+		t.Fatal("limit 1 with one running: a new key must wait")
+	}
+	s.SetLimit(3)
+	// Downloads asking after the change get the new limit, beside the one
+	// running under the old.
+	var rels []func()
+	for i := range 3 {
+		rels = append(rels, mustAcquire(t, s, fmt.Sprint("n", i)))
+	}
+	waitCounts(t, s, 4, 0)
+	if !s.WillWait("x") {
+		t.Error("four running over a limit of three: a new key must wait")
+	}
+	old()
+	if !s.WillWait("x") {
+		t.Error("three running under the new limit of three: a new key must wait")
+	}
+	for _, r := range rels {
+		r()
+	}
+	waitCounts(t, s, 0, 0)
+}
+
+func TestCollector(t *testing.T) {
+	s := New(1)
+	rel := mustAcquire(t, s, "a")
+	ch := acquireAsync(context.Background(), s, "b")
+	waitCounts(t, s, 1, 1)
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(s.Collector()); err != nil {
+		t.Fatal(err)
+	}
+	want := `
+# HELP wasmcsi_pull_slots Pull slots: limits.maxConcurrentPulls.
+# TYPE wasmcsi_pull_slots gauge
+wasmcsi_pull_slots 1
+# HELP wasmcsi_pulls_in_flight Module downloads holding a pull slot.
+# TYPE wasmcsi_pulls_in_flight gauge
+wasmcsi_pulls_in_flight 1
+# HELP wasmcsi_pulls_waiting Module downloads waiting for a pull slot (limits.maxConcurrentPulls).
+# TYPE wasmcsi_pulls_waiting gauge
+wasmcsi_pulls_waiting 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	rel()
+	(<-ch)()
+}
+
+func TestOnIdle(t *testing.T) {
+	s := New(2)
+	calls := make(chan struct{}, 10)
+	s.OnIdle(20*time.Millisecond, func() { calls <- struct{}{} })
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran before any download")
+	case <-time.After(100 * time.Millisecond):
+	}
+	r1 := mustAcquire(t, s, "a")
+	r2 := mustAcquire(t, s, "b")
+	r1()
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran while a download was running")
+	case <-time.After(100 * time.Millisecond):
+	}
+	r2()
+	select {
+	case <-calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("OnIdle did not run after the last download")
+	}
+	// A download that starts within the delay cancels the call.
+	r3 := mustAcquire(t, s, "c")
+	r3()
+	r4 := mustAcquire(t, s, "d")
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran although a download started within the delay")
+	case <-time.After(100 * time.Millisecond):
+	}
+	r4()
+	select {
+	case <-calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("OnIdle did not run after the burst")
+	}
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran twice for one idle period")
+	case <-time.After(100 * time.Millisecond):
+	}
+}
