@@ -1090,6 +1090,20 @@ func checkDriverBasics(t *testing.T, spec corev1.PodSpec, c corev1.Container, fl
 	if req.Cpu().IsZero() || req.Memory().IsZero() || lim.Memory().IsZero() {
 		t.Errorf("the driver needs cpu and memory requests and a memory limit: %+v", c.Resources)
 	}
+	// The Go runtime knows the container's memory limit (the downward API
+	// gives it in bytes, which GOMEMLIMIT reads as bytes).
+	var memLimit *corev1.EnvVar
+	for i, e := range c.Env {
+		if e.Name == "GOMEMLIMIT" {
+			memLimit = &c.Env[i]
+		}
+	}
+	if memLimit == nil || memLimit.ValueFrom == nil || memLimit.ValueFrom.ResourceFieldRef == nil ||
+		memLimit.ValueFrom.ResourceFieldRef.Resource != "limits.memory" ||
+		(memLimit.ValueFrom.ResourceFieldRef.ContainerName != "" && memLimit.ValueFrom.ResourceFieldRef.ContainerName != c.Name) ||
+		(!memLimit.ValueFrom.ResourceFieldRef.Divisor.IsZero() && memLimit.ValueFrom.ResourceFieldRef.Divisor.Value() != 1) {
+		t.Errorf("env GOMEMLIMIT must come from resourceFieldRef limits.memory of %s, in bytes: %+v", c.Name, memLimit)
+	}
 	// Scheduling.
 	if spec.PriorityClassName != "system-node-critical" {
 		t.Errorf("priorityClassName %q, want system-node-critical", spec.PriorityClassName)
