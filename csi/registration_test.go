@@ -1,7 +1,6 @@
 package csi
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,7 +11,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,39 +18,20 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"github.com/wasm-csi/wasm-csi/test/testlog"
 )
 
 const regTestHostEndpoint = "/var/lib/kubelet/plugins/wasm.csi.dev/csi.sock"
 
-// syncBuffer is a log sink the server goroutines and the test share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// serveRegistration listens on a fresh socket in a temp dir (after making
-// it stale with prepare, if given), serves it, and returns the server, a
-// kubelet-side client over the unix socket and the captured log.
-func serveRegistration(t *testing.T, prepare func(path string)) (*RegistrationServer, registerapi.RegistrationClient, *syncBuffer) {
+func serveRegistration(t *testing.T, prepare func(path string)) (*RegistrationServer, registerapi.RegistrationClient, *testlog.Buffer) {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, RegistrationSocketName(DefaultDriverName))
 	if prepare != nil {
 		prepare(path)
 	}
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	srv, err := ListenRegistration(path, DefaultDriverName, regTestHostEndpoint, log)
 	if err != nil {

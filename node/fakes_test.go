@@ -20,6 +20,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/test/testlog"
 	"github.com/wasm-csi/wasm-csi/test/wasmgen"
 )
 
@@ -293,12 +294,12 @@ type unitEnv struct {
 	creds  *fakeCredentials
 	events *countingEvents
 	root   string
-	log    *logBuffer
+	log    *testlog.Buffer
 }
 
 func newUnitEnv(t *testing.T, fc config.FileConfig) *unitEnv {
 	t.Helper()
-	e := &unitEnv{reg: newFakeRegistry(), mnt: newFakeMounter(), root: t.TempDir(), log: &logBuffer{},
+	e := &unitEnv{reg: newFakeRegistry(), mnt: newFakeMounter(), root: t.TempDir(), log: &testlog.Buffer{},
 		creds: &fakeCredentials{keyrings: map[string][]*puller.Keyring{}}, events: newCountingEvents()}
 	cfg := Config{
 		NewPuller:   func(c puller.Config) Puller { return &fakePuller{reg: e.reg, mirrors: c.Mirrors} },

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,31 +18,14 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/mount"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/test/testlog"
 )
-
-// logBuffer collects a logger's output for assertions.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // newTestService starts a Service over root the way the daemon does at
 // start, and returns its log.
-func newTestService(t *testing.T, root string) (*Service, *logBuffer) {
+func newTestService(t *testing.T, root string) (*Service, *testlog.Buffer) {
 	t.Helper()
-	var logs logBuffer
+	var logs testlog.Buffer
 	svc, err := NewService(Config{}, openStore(t, root), mount.New(), slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatalf("NewService: %v", err)

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/wasm-csi/wasm-csi/test/testlog"
 )
 
 func TestParseFileConfig(t *testing.T) {
@@ -138,13 +140,8 @@ func TestConfigWatcherConfigMapSwap(t *testing.T) {
 	if err := os.Symlink("..data/config.yaml", filepath.Join(dir, "config.yaml")); err != nil {
 		t.Fatal(err)
 	}
-	var logs strings.Builder
-	var mu sync.Mutex
-	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		return logs.Write(p)
-	}), nil))
+	var logs testlog.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
 	a := &applied{}
 	w := &Watcher{Path: filepath.Join(dir, "config.yaml"), Log: log, Apply: a.apply, Debounce: 50 * time.Millisecond}
 	if err := w.Load(); err != nil {
@@ -165,11 +162,7 @@ func TestConfigWatcherConfigMapSwap(t *testing.T) {
 	// A bad file keeps the last good config and says why.
 	_, n := a.last()
 	write("3", "validation: bogus\n")
-	waitFor(t, "the error log", func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return strings.Contains(logs.String(), "keeping the last good config")
-	})
+	waitFor(t, "the error log", func() bool { return strings.Contains(logs.String(), "keeping the last good config") })
 	if c, n2 := a.last(); n2 != n || c.Validation != "none" {
 		t.Fatalf("bad file was applied: %+v", c)
 	}
@@ -361,10 +354,6 @@ func TestAllowedConfig(t *testing.T) {
 		}
 	}
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // TestBlockedCIDRsConfig: registries.blockedCIDRs is parsed and masked; a
 // value that is not a CIDR is refused with the field's name.

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/wasm-csi/wasm-csi/test/testlog"
 )
 
 // RepoRoot finds the repository's root: the first directory above the
@@ -116,7 +118,7 @@ type Daemon struct {
 
 	mu       sync.Mutex
 	cmd      *exec.Cmd
-	logs     *syncBuffer
+	logs     *testlog.Buffer
 	conn     *grpc.ClientConn
 	Node     csipb.NodeClient
 	Identity csipb.IdentityClient
@@ -188,7 +190,7 @@ func (d *Daemon) Start() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.logs == nil {
-		d.logs = &syncBuffer{}
+		d.logs = &testlog.Buffer{}
 	}
 	args := append([]string{
 		"--endpoint=unix://" + d.Socket,
@@ -288,23 +290,6 @@ func (d *Daemon) MetricsURL() (string, error) {
 
 // Logs is everything the daemon wrote so far.
 func (d *Daemon) Logs() string { return d.logs.String() }
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // Kubelet lays out a kubelet-like pods tree and builds the requests kubelet
 // sends for inline ephemeral volumes.

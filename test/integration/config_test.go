@@ -252,7 +252,7 @@ func TestRegistriesAllowed(t *testing.T) {
 	for _, repo := range []string{"teamx/m", "other/m"} {
 		e.failPublish(t, map[string]string{"image": img(repo)}, codes.PermissionDenied,
 			img(repo), "registries.allowed", host+"/team, *.example.com")
-		if n := repoRequests(r, repo); n != 0 {
+		if n := r.ManifestRequests(repo); n != 0 {
 			t.Errorf("%s: the registry saw %d requests for an image outside registries.allowed", repo, n)
 		}
 	}
@@ -273,7 +273,7 @@ func TestRegistriesAllowed(t *testing.T) {
 
 	// A prePull entry outside the list refuses the file; the last good
 	// config (other/ only) stays, and nothing is pre-pulled.
-	before := repoRequests(r, "teamx/m")
+	before := r.ManifestRequests("teamx/m")
 	writeConfig(t, cfgPath, config([]string{`"` + host + `/other"`}, img("teamx/m")))
 	eventually(t, "the refusal of the prePull entry", func() bool {
 		return strings.Contains(e.d.Logs(), "prePull[0]: image "+img("teamx/m")+" is outside registries.allowed")
@@ -281,7 +281,7 @@ func TestRegistriesAllowed(t *testing.T) {
 	e.failPublish(t, map[string]string{"image": img("team/sub/m")}, codes.PermissionDenied, host+"/other")
 	e.mustPublish(img("other/m"), nil)
 	time.Sleep(time.Second) // a pre-pull, had it started, would have asked by now
-	if n := repoRequests(r, "teamx/m"); n != before {
+	if n := r.ManifestRequests("teamx/m"); n != before {
 		t.Errorf("the refused config's prePull entry was pulled (%d requests)", n-before)
 	}
 

@@ -117,20 +117,6 @@ func checkNoRace(t *testing.T, d *harness.Daemon) {
 	}
 }
 
-// manifestRequests counts the manifest GETs and HEADs of repo the proxy saw.
-func manifestRequests(repo string) int {
-	c := reg.Counts()
-	n := 0
-	for _, m := range []map[string]int{c.ManifestGets, c.ManifestHeads} {
-		for key, v := range m {
-			if strings.HasPrefix(key, repo+":") || strings.HasPrefix(key, repo+"@") {
-				n += v
-			}
-		}
-	}
-	return n
-}
-
 // newKubelet makes a kubelet root whose leftover mounts are undone before
 // its directory is removed.
 func newKubelet(t *testing.T) *harness.Kubelet {

@@ -134,21 +134,6 @@ func ownRegistry(t *testing.T, size int) (*registrytest.Registry, []byte, string
 	return r, mod, r.ProxyHost() + "/net/filter:1.0"
 }
 
-// repoRequests counts the manifest requests the proxy of r saw for repo:
-// every pull of a tag starts with one.
-func repoRequests(r *registrytest.Registry, repo string) int {
-	c := r.Counts()
-	n := 0
-	for _, m := range []map[string]int{c.ManifestGets, c.ManifestHeads} {
-		for key, v := range m {
-			if strings.HasPrefix(key, repo+":") || strings.HasPrefix(key, repo+"@") {
-				n += v
-			}
-		}
-	}
-	return n
-}
-
 // TestBlockedAddresses: the daemon does not dial loopback, link-local or
 // metadata addresses for a pod's image, named by address or by a DNS name
 // that resolves to one, unless --insecure-registry names the host. The
@@ -394,7 +379,7 @@ func TestDamping(t *testing.T) {
 	if strings.Contains(err.Error(), dampedMarker) {
 		t.Fatalf("the first failure was damped: %v", err)
 	}
-	onePull := repoRequests(r, repo)
+	onePull := r.ManifestRequests(repo)
 	if onePull == 0 {
 		t.Fatal("the first publish did not reach the registry")
 	}
@@ -424,7 +409,7 @@ func TestDamping(t *testing.T) {
 			damped++
 		}
 	}
-	extra := repoRequests(r, repo) - onePull
+	extra := r.ManifestRequests(repo) - onePull
 	t.Logf("one pull made %d requests; 20 more publishes: %d damped, %d more requests", onePull, damped, extra)
 	if extra > onePull {
 		t.Errorf("20 publishes inside the damping window made %d requests, more than one more pull (%d)", extra, onePull)
@@ -445,9 +430,9 @@ func TestDamping(t *testing.T) {
 	checkFile(t, first, "plugin.wasm", mod)
 	// The success ended the damping: the next pull asks the registry at
 	// once (Always resolves the tag again).
-	before := repoRequests(r, repo)
+	before := r.ManifestRequests(repo)
 	always := e.mustPublish(img, map[string]string{"pullPolicy": "Always"})
-	if repoRequests(r, repo) == before {
+	if r.ManifestRequests(repo) == before {
 		t.Error("a pull right after a success did not ask the registry")
 	}
 	e.mustUnpublish(always)

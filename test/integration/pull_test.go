@@ -78,7 +78,7 @@ func TestPullPolicy(t *testing.T) {
 		checkFile(t, first, "plugin.wasm", v1)
 
 		push(t, repo+":1.0", v2, registrytest.LayoutCNCF)
-		manifests := manifestRequests(repo)
+		manifests := reg.ManifestRequests(repo)
 		keep := e.mustPublish(img, map[string]string{"pullPolicy": "IfNotPresent"})
 		checkFile(t, keep, "plugin.wasm", v1)
 		// The default for a tag other than latest is IfNotPresent.
@@ -87,7 +87,7 @@ func TestPullPolicy(t *testing.T) {
 		if n := reg.BlobGets(digest.FromBytes(v2)); n != 0 {
 			t.Errorf("IfNotPresent downloaded the new module %d times, want 0", n)
 		}
-		if n := manifestRequests(repo) - manifests; n != 0 {
+		if n := reg.ManifestRequests(repo) - manifests; n != 0 {
 			t.Errorf("IfNotPresent with the module on the node asked the registry %d times, want 0", n)
 		}
 

@@ -164,7 +164,7 @@ func TestRestart(t *testing.T) {
 	if getsA != 1 || getsB != 1 {
 		t.Errorf("before the restart: %d and %d downloads, want 1 and 1", getsA, getsB)
 	}
-	manifestsA, manifestsB := manifestRequests(repoA), manifestRequests(repoB)
+	manifestsA, manifestsB := reg.ManifestRequests(repoA), reg.ManifestRequests(repoB)
 	newA := e.mustPublish(imgA, map[string]string{"pullPolicy": "IfNotPresent"})
 	newB := e.mustPublish(imgB, nil)
 	checkFile(t, newA, "plugin.wasm", modA)
@@ -172,7 +172,7 @@ func TestRestart(t *testing.T) {
 	if a, b := reg.BlobGets(layerA), reg.BlobGets(layerB); a != getsA || b != getsB {
 		t.Errorf("publishing stored modules after the restart downloaded %d and %d blobs, want 0", a-getsA, b-getsB)
 	}
-	if a, b := manifestRequests(repoA), manifestRequests(repoB); a != manifestsA || b != manifestsB {
+	if a, b := reg.ManifestRequests(repoA), reg.ManifestRequests(repoB); a != manifestsA || b != manifestsB {
 		t.Errorf("IfNotPresent asked the registry for manifests %d and %d times after the restart, want 0", a-manifestsA, b-manifestsB)
 	}
 	devOld, inoOld := inode(t, filepath.Join(vol2.TargetPath, "plugin.wasm"))

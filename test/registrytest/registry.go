@@ -465,6 +465,21 @@ func (r *Registry) Counts() Counts {
 	}
 }
 
+// ManifestRequests counts the manifest GETs and HEADs of repo the proxy
+// saw, by tag or by digest: every pull of a tag starts with one.
+func (r *Registry) ManifestRequests(repo string) int {
+	c := r.Counts()
+	n := 0
+	for _, m := range []map[string]int{c.ManifestGets, c.ManifestHeads} {
+		for key, v := range m {
+			if strings.HasPrefix(key, repo+":") || strings.HasPrefix(key, repo+"@") {
+				n += v
+			}
+		}
+	}
+	return n
+}
+
 // ResetCounts sets every proxy counter back to zero.
 func (r *Registry) ResetCounts() {
 	r.mu.Lock()
