@@ -18,7 +18,7 @@ func codeOf(err error) codes.Code {
 		return codes.InvalidArgument
 	case errors.Is(err, errdefs.ErrNotFound):
 		return codes.NotFound
-	case errors.Is(err, errdefs.ErrUnauthorized), errors.Is(err, errdefs.ErrNotAllowed):
+	case errors.Is(err, errdefs.ErrUnauthorized), errors.Is(err, errdefs.ErrNotAllowed), errors.Is(err, errdefs.ErrRegistryBlocked):
 		return codes.PermissionDenied
 	case errors.Is(err, errdefs.ErrPullPending):
 		return codes.DeadlineExceeded

@@ -58,6 +58,7 @@ var sentinels = []codeCase{
 	{"errdefs.ErrBlockedAddress", errdefs.ErrBlockedAddress, codes.InvalidArgument},
 	{"errdefs.ErrNotFound", errdefs.ErrNotFound, codes.NotFound},
 	{"errdefs.ErrUnauthorized", errdefs.ErrUnauthorized, codes.PermissionDenied},
+	{"errdefs.ErrRegistryBlocked", errdefs.ErrRegistryBlocked, codes.PermissionDenied},
 	{"errdefs.ErrUnavailable", errdefs.ErrUnavailable, codes.Unavailable},
 	{"errdefs.ErrPullPending", errdefs.ErrPullPending, codes.DeadlineExceeded},
 	{"errdefs.ErrUnsupportedImage", errdefs.ErrUnsupportedImage, codes.FailedPrecondition},

@@ -35,6 +35,9 @@ var (
 	// it sent the puller to) resolves to an address the driver does not
 	// dial: loopback, link-local, cloud metadata or registries.blockedCIDRs.
 	ErrBlockedAddress = errors.New("the image's registry resolves to a blocked address")
+	// ErrRegistryBlocked: the node's container runtime configuration
+	// (registries.conf blocked = true) refuses the image's registry.
+	ErrRegistryBlocked = errors.New("registry blocked by the runtime's configuration")
 )
 
 // Sentinels of both layers: the puller returns ErrInvalidModule for bytes
