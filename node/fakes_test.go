@@ -149,14 +149,14 @@ func (p *fakePuller) SignatureRepository(ref puller.Reference, _ puller.Credenti
 	return nil, errors.New("fakePuller: no signatures")
 }
 
-func (p *fakePuller) Sources(ref puller.Reference) []puller.Reference {
+func (p *fakePuller) Sources(ref puller.Reference) ([]puller.Reference, error) {
 	var out []puller.Reference
 	for _, m := range p.mirrors[ref.Registry] {
 		alt := ref
 		alt.Registry = m
 		out = append(out, alt)
 	}
-	return append(out, ref)
+	return append(out, ref), nil
 }
 
 // fakeMounter records mounts instead of making them. It creates nothing

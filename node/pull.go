@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/wasm-csi/wasm-csi/node/store"
@@ -182,63 +183,123 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (s
 	}
 }
 
+// doPull fetches ref from the first source that serves it. Sources come in
+// the order configured: registries.mirrors, the runtime's mirrors, then the
+// registry. A source that fails in any way (refused, 5xx, 404, bytes that
+// do not match their digest) passes the pull to the next; digests are
+// verified whoever answers. As in containerd, a tag is resolved only by
+// sources that may resolve, and the manifest and module are then fetched by
+// digest from the sources that may pull, pull-only mirrors included.
 func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) (store.RefRecord, bool, error) {
+	start := time.Now()
 	st := s.cur.Load()
+	srcs, err := st.puller.Sources(ref)
+	if err != nil {
+		return store.RefRecord{}, false, err
+	}
 	var lastErr error
-	for _, src := range st.puller.Sources(ref) {
-		rec, cached, err := s.pullFrom(ctx, st, ref, src, acc)
-		if err == nil {
-			return rec, cached, nil
-		}
+	// failed records a source's failure and says whether to stop.
+	failed := func(src puller.Reference, err error) bool {
 		lastErr = err
-		if src.Registry != ref.Registry {
+		if src.IsMirror(ref) {
 			s.log.Warn("mirror failed, trying the next source", "image", ref.Original, "mirror", src.Registry, "err", err)
 		}
-		if errors.Is(err, errdefs.ErrNoSpace) || ctx.Err() != nil {
+		return errors.Is(err, errdefs.ErrNoSpace) || ctx.Err() != nil
+	}
+	var resolvedAt *puller.Reference
+	var desc ocispec.Descriptor
+	var used puller.Credential
+	// Sources that failed to resolve the tag are not asked again for its
+	// digest in the same pull.
+	down := map[int]bool{}
+	if ref.Digest == "" {
+		for i, src := range srcs {
+			if !src.CanResolve() {
+				continue
+			}
+			if desc, used, err = s.resolveAt(ctx, st, src, acc); err == nil {
+				resolvedAt = &srcs[i]
+				break
+			}
+			down[i] = true
+			if failed(src, err) {
+				return store.RefRecord{}, false, lastErr
+			}
+		}
+		if resolvedAt == nil {
+			if lastErr == nil {
+				lastErr = errdefs.New(errdefs.ErrInvalidArgument, ref.Original, nil, "no configured source may resolve tags (hosts.toml capabilities); name the image by digest")
+			}
+			return store.RefRecord{}, false, lastErr
+		}
+		if rec, ok, err := s.known(ref, desc.Digest); ok || err != nil {
+			return rec, ok, err
+		}
+	}
+	for i, src := range srcs {
+		if !src.CanPull() || down[i] {
+			continue
+		}
+		d, cred := desc, used
+		if resolvedAt == nil || src != *resolvedAt {
+			if ref.Digest == "" {
+				src.Tag, src.Digest = "", desc.Digest
+			}
+			if d, cred, err = s.resolveAt(ctx, st, src, acc); err != nil {
+				if failed(src, err) {
+					break
+				}
+				continue
+			}
+			if rec, ok, err := s.known(ref, d.Digest); ok || err != nil {
+				return rec, ok, err
+			}
+		}
+		release, err := s.pullSlot(ctx, ref)
+		if err != nil {
+			return store.RefRecord{}, false, err
+		}
+		s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", d.Digest)
+		rec, err := s.download(ctx, st, ref, src, d, cred)
+		release()
+		s.cfg.Metrics.Pulled(err, rec.Size, time.Since(start))
+		if err == nil {
+			s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", d.Digest,
+				"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
+			return rec, false, nil
+		}
+		if failed(src, err) {
 			break
 		}
 	}
 	return store.RefRecord{}, false, lastErr
 }
 
-// pullFrom resolves and, unless its manifest is already stored, downloads
-// ref from src (the registry or one of its mirrors). Records are kept under
-// ref's own registry name, wherever the bytes came from.
-func (s *Service) pullFrom(ctx context.Context, st *settings, ref, src puller.Reference, acc access) (store.RefRecord, bool, error) {
-	start := time.Now()
+// resolveAt asks src which manifest it names, trying the pod's and the
+// node's credentials for src's host.
+func (s *Service) resolveAt(ctx context.Context, st *settings, src puller.Reference, acc access) (ocispec.Descriptor, puller.Credential, error) {
 	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
 	if err != nil {
-		return store.RefRecord{}, false, err
+		return ocispec.Descriptor{}, puller.Credential{}, err
 	}
-	desc, used, err := st.puller.ResolveWith(ctx, src, attempts)
-	if err != nil {
-		return store.RefRecord{}, false, err
+	return st.puller.ResolveWith(ctx, src, attempts)
+}
+
+// known returns the record of manifest m when its module is on the node
+// already, recording ref (a tag) as naming it. Records are kept under ref's
+// own registry name, wherever the bytes came from.
+func (s *Service) known(ref puller.Reference, m digest.Digest) (store.RefRecord, bool, error) {
+	rec, ok := s.store.GetRef(ref.ByDigest(m).String())
+	if !ok {
+		return store.RefRecord{}, false, nil
 	}
-	byDigest := ref.ByDigest(desc.Digest).String()
-	if rec, ok := s.store.GetRef(byDigest); ok {
-		// The manifest is known: the module is on the node already.
-		rec.Ref = ref.String()
-		if ref.Digest == "" {
-			if err := s.store.PutRef(rec); err != nil {
-				return store.RefRecord{}, false, withImage(err, ref.Original)
-			}
+	rec.Ref = ref.String()
+	if ref.Digest == "" {
+		if err := s.store.PutRef(rec); err != nil {
+			return store.RefRecord{}, false, withImage(err, ref.Original)
 		}
-		return rec, true, nil
 	}
-	release, err := s.pullSlot(ctx, ref)
-	if err != nil {
-		return store.RefRecord{}, false, err
-	}
-	defer release()
-	s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", desc.Digest)
-	rec, err := s.download(ctx, st, ref, src, desc, used)
-	s.cfg.Metrics.Pulled(err, rec.Size, time.Since(start))
-	if err != nil {
-		return store.RefRecord{}, false, err
-	}
-	s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", desc.Digest,
-		"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
-	return rec, false, nil
+	return rec, true, nil
 }
 
 // pullSlot waits for one of the limits.maxConcurrentPulls download slots,

@@ -40,6 +40,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/puller/hostsconf"
 	"github.com/wasm-csi/wasm-csi/puller/imagematch"
 	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
@@ -82,7 +83,7 @@ type Puller interface {
 	Attempts(ctx context.Context, ref puller.Reference, keyrings ...*puller.Keyring) ([]puller.Credential, error)
 	ResolveWith(ctx context.Context, ref puller.Reference, attempts []puller.Credential) (ocispec.Descriptor, puller.Credential, error)
 	Pull(ctx context.Context, ref puller.Reference, desc ocispec.Descriptor, sink puller.Sink, cred puller.Credential) (puller.Module, error)
-	Sources(ref puller.Reference) []puller.Reference
+	Sources(ref puller.Reference) ([]puller.Reference, error)
 	// SignatureRepository is ref's repository, reached as the pull reached
 	// it, for reading the image's signatures.
 	SignatureRepository(ref puller.Reference, cred puller.Credential) (*remote.Repository, error)
@@ -147,6 +148,9 @@ type Config struct {
 	// PullSlots bound the downloads in flight (default: slots of its own);
 	// limits.maxConcurrentPulls sets their number.
 	PullSlots *pullslots.Slots
+	// RuntimeConfigMetrics counts runtime registry files that did not
+	// parse (nil: not counted).
+	RuntimeConfigMetrics *hostsconf.Metrics
 }
 
 // settings are what the config file can change while the daemon runs.
@@ -183,6 +187,7 @@ type Service struct {
 	bgMu          sync.Mutex
 	bg            context.Context
 	prePullCancel context.CancelFunc
+	runtime       *runtimeConf
 }
 
 // NewService returns a Service over an opened store, with default settings
@@ -233,6 +238,7 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 	pc := s.cfg.Puller
 	pc.InsecureRegistries = append(append([]string(nil), s.cfg.Puller.InsecureRegistries...), fc.Registries.Insecure...)
 	pc.Mirrors = fc.Registries.Mirrors
+	pc.Runtime = s.runtimeResolver(fc)
 	blocked, err := fc.Registries.BlockedNetworks()
 	if err != nil {
 		return err
@@ -278,6 +284,7 @@ func (s *Service) Reconfigure(fc config.FileConfig) error {
 func (s *Service) Start(ctx context.Context) {
 	s.bgMu.Lock()
 	s.bg = ctx
+	s.watchRuntimeLocked()
 	s.bgMu.Unlock()
 	s.startPrePull(s.cur.Load().prePull)
 	go s.gcLoop(ctx)

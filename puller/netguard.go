@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"github.com/wasm-csi/wasm-csi/puller/hostsconf"
 )
 
 // The driver runs privileged on every node and pulls whatever reference a
@@ -55,14 +57,16 @@ type addressPolicy struct {
 	// registries.insecure, mirrors): "host:port" names that port, "host"
 	// every port. They are dialed whatever they resolve to.
 	named map[string]bool
-	rules []blockRule
+	// runtime names more hosts, as its files say now.
+	runtime *hostsconf.Resolver
+	rules   []blockRule
 	// proxies are the HTTP proxies of the environment seen so far: the
 	// operator's, dialed as they are.
 	proxies sync.Map
 }
 
 func newAddressPolicy(cfg Config) *addressPolicy {
-	p := &addressPolicy{named: map[string]bool{}, rules: append([]blockRule(nil), defaultBlocked...)}
+	p := &addressPolicy{named: map[string]bool{}, runtime: cfg.Runtime, rules: append([]blockRule(nil), defaultBlocked...)}
 	name := func(h string) {
 		if host, port, err := net.SplitHostPort(h); err == nil {
 			p.named[strings.ToLower(host)+"|"+port] = true
@@ -92,7 +96,7 @@ func (p *addressPolicy) isNamed(hostport string) bool {
 		host = hostport
 	}
 	host = strings.ToLower(host)
-	return p.named[host+"|"] || (port != "" && p.named[host+"|"+port])
+	return p.named[host+"|"] || (port != "" && p.named[host+"|"+port]) || p.runtime.Names(hostport)
 }
 
 // check returns a *blockedError when dialing ip for hostport is refused.

@@ -33,6 +33,7 @@ import (
 	"oras.land/oras-go/v2/registry/remote/errcode"
 
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/puller/hostsconf"
 )
 
 // Defaults for Config's limits.
@@ -50,6 +51,10 @@ type Config struct {
 	InsecureRegistries []string
 	// Mirrors maps a registry host to mirrors tried before it, in order.
 	Mirrors map[string][]string
+	// Runtime is the container runtime's registry configuration
+	// (hosts.toml, registries.conf): its mirrors are tried after Mirrors,
+	// and the hosts it names pass the address checks. Nil: none.
+	Runtime *hostsconf.Resolver
 	// DockerConfig is the path of a Docker config.json with node credentials.
 	DockerConfig string
 	// CredentialProvider gives node credentials from kubelet's credential
@@ -92,6 +97,7 @@ type Puller struct {
 	cfg       Config
 	client    *http.Client
 	nodeCache auth.Cache
+	endpoints endpointClients
 }
 
 // New returns a Puller for cfg.
@@ -133,19 +139,6 @@ func New(cfg Config) *Puller {
 	}
 }
 
-// Sources lists where ref can be pulled from: its registry's mirrors, in
-// order, then the registry itself. Each is the same repository and tag or
-// digest on another host.
-func (p *Puller) Sources(ref Reference) []Reference {
-	var out []Reference
-	for _, m := range p.cfg.Mirrors[ref.Registry] {
-		alt := ref
-		alt.Registry = m
-		out = append(out, alt)
-	}
-	return append(out, ref)
-}
-
 // plainHTTP reports whether host[:port] was named by --insecure-registry.
 func (p *Puller) plainHTTP(registry string) bool {
 	host := registry
@@ -169,12 +162,18 @@ func (p *Puller) repository(ref Reference, cred Credential) (*remote.Repository,
 	if err != nil {
 		return nil, errdefs.New(errdefs.ErrInvalidReference, ref.Original, err, "cannot use this repository name")
 	}
-	repo.PlainHTTP = p.plainHTTP(ref.Registry)
+	repo.PlainHTTP = p.plainHTTP(ref.Registry) || (ref.Endpoint != nil && ref.Endpoint.Scheme == "http")
+	httpClient := p.client
+	if c, err := p.clientFor(ref.Endpoint); err != nil {
+		return nil, errdefs.New(errdefs.ErrUnavailable, ref.Original, err, "cannot set up TLS for %s", ref.Registry)
+	} else if c != nil {
+		httpClient = c
+	}
 	cache := p.nodeCache
 	if cred.FromPodSecret() {
 		cache = auth.NewCache()
 	}
-	client := &auth.Client{Client: p.client, Cache: cache, Header: http.Header{"User-Agent": {p.cfg.UserAgent}}}
+	client := &auth.Client{Client: httpClient, Cache: cache, Header: http.Header{"User-Agent": {p.cfg.UserAgent}}}
 	if !cred.Anonymous() {
 		client.Credential = auth.StaticCredential(ref.Registry, cred.Cred)
 	}

@@ -9,6 +9,7 @@ import (
 	"oras.land/oras-go/v2/registry"
 
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/puller/hostsconf"
 )
 
 // Reference is a parsed, normalised image reference.
@@ -24,6 +25,10 @@ type Reference struct {
 	Digest digest.Digest
 	// Original is the string the user wrote.
 	Original string
+	// Endpoint is set on a source configured by the container runtime's
+	// files (see Puller.Sources): how that host is reached and what it may
+	// serve. Nil for the image as named and for registries.mirrors.
+	Endpoint *hostsconf.Endpoint
 }
 
 // Limits of the distribution reference grammar, checked before anything

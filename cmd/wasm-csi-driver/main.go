@@ -37,6 +37,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/credprovider"
+	"github.com/wasm-csi/wasm-csi/puller/hostsconf"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -225,6 +226,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	slots := pullslots.New(pullslots.DefaultLimit)
 	reg.MustRegister(slots.Collector())
+	runtimeMetrics, err := hostsconf.NewMetrics(reg)
+	if err != nil {
+		return err
+	}
 	svc, err := node.NewService(node.Config{
 		Puller: puller.Config{
 			InsecureRegistries: cfg.InsecureRegistries,
@@ -233,10 +238,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			UserAgent:          "wasm-csi/" + version,
 			Buffers:            puller.NewBuffers(puller.BufferSize, puller.DefaultBufferBudget),
 		},
-		Metrics:     met,
-		Credentials: creds,
-		Events:      events,
-		PullSlots:   slots,
+		Metrics:              met,
+		RuntimeConfigMetrics: runtimeMetrics,
+		Credentials:          creds,
+		Events:               events,
+		PullSlots:            slots,
 	}, st, mount.New(), log)
 	if err != nil {
 		return err

@@ -45,6 +45,8 @@ import (
 //	  mirrors:                             # tried first, the registry itself after
 //	    ghcr.io: [mirror.internal:5000]
 //	  blockedCIDRs: [10.0.0.0/8]           # never dialed, besides loopback, link-local, metadata
+//	  containerdHostsDir: /etc/containerd/certs.d      # the runtime's mirrors, tried next
+//	  registriesConf: /etc/containers/registries.conf  # (CRI-O/podman; with registries.conf.d)
 //	limits:
 //	  maxModuleSize: 256Mi                 # a larger module is refused
 //	  maxStoreSize: 10Gi                   # unused modules are removed past this
@@ -93,6 +95,12 @@ type RegistriesConfig struct {
 	// is named in insecure, a mirror or --insecure-registry), beside the
 	// loopback, link-local and cloud-metadata addresses that always are.
 	BlockedCIDRs []string `json:"blockedCIDRs,omitempty"`
+	// ContainerdHostsDir is containerd's hosts directory
+	// (<dir>/<host>/hosts.toml, <dir>/_default/hosts.toml).
+	ContainerdHostsDir string `json:"containerdHostsDir,omitempty"`
+	// RegistriesConf is CRI-O's and podman's registries.conf (v2); the
+	// drop-ins in registries.conf.d beside it are read with it.
+	RegistriesConf string `json:"registriesConf,omitempty"`
 }
 
 // AllowedImages parses registries.allowed. restricted is false when the key
@@ -194,6 +202,11 @@ func (c FileConfig) Validate() error {
 			if err := checkHost(m); err != nil {
 				errs = append(errs, fmt.Errorf("registries.mirrors[%s]: %w", reg, err))
 			}
+		}
+	}
+	for key, p := range map[string]string{"containerdHostsDir": c.Registries.ContainerdHostsDir, "registriesConf": c.Registries.RegistriesConf} {
+		if p != "" && !filepath.IsAbs(p) {
+			errs = append(errs, fmt.Errorf("registries.%s: %q is not an absolute path (the host's, as the DaemonSet mounts it)", key, p))
 		}
 	}
 	if _, err := c.Registries.BlockedNetworks(); err != nil {
@@ -350,7 +363,8 @@ func (w *Watcher) Load() error {
 		if err == nil {
 			w.applied, w.last, w.badKey = true, sum, ""
 			w.Log.Info("config loaded", "path", w.Path, "allowed", len(c.allowedPatterns()), "insecure", len(c.Registries.Insecure),
-				"mirrors", len(c.Registries.Mirrors), "prePull", len(c.PrePull), "validation", c.Validation,
+				"mirrors", len(c.Registries.Mirrors), "containerdHostsDir", c.Registries.ContainerdHostsDir,
+				"registriesConf", c.Registries.RegistriesConf, "prePull", len(c.PrePull), "validation", c.Validation,
 				"verificationPolicies", len(c.Verification.Policies))
 			return nil
 		}
