@@ -77,6 +77,11 @@ type Options struct {
 	// manifests the registry does not hold (validation.manifests.indexes.
 	// platforms: none). By default every entry must have been pushed first.
 	AllowIncompleteIndexes bool
+
+	// ProxyRemoteURL, when set, runs the registry as a pull-through cache
+	// of that registry (distribution's proxy.remoteurl): a miss is fetched
+	// from there, stored, and served. Such a registry refuses pushes.
+	ProxyRemoteURL string
 }
 
 // FaultFunc decides, for one request arriving at the proxy, whether to answer
@@ -99,6 +104,8 @@ type Counts struct {
 	// "<name>@<digest>".
 	ManifestGets  map[string]int
 	ManifestHeads map[string]int
+	// BytesSent is the response bytes (bodies) the proxy sent to clients.
+	BytesSent int64
 }
 
 // Registry is a running registry process plus its counting proxy. Its
@@ -197,6 +204,9 @@ func (r *Registry) start(ctx context.Context, bin string, opts Options) error {
 		}
 		host := fmt.Sprintf("127.0.0.1:%d", port)
 		cfg := registryConfig(filepath.Join(r.dir, "data"), host, hex.EncodeToString(secret), htpasswdPath, opts.AllowIncompleteIndexes)
+		if opts.ProxyRemoteURL != "" {
+			cfg += fmt.Sprintf("proxy:\n  remoteurl: %q\n", opts.ProxyRemoteURL)
+		}
 		cfgPath := filepath.Join(r.dir, "config.yml")
 		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 			return fmt.Errorf("registrytest: writing registry config: %w", err)
@@ -316,8 +326,9 @@ func (r *Registry) startProxy() error {
 }
 
 func (r *Registry) proxyHandler(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+	return http.HandlerFunc(func(rw http.ResponseWriter, req *http.Request) {
 		r.count(req)
+		w := &bytesWriter{ResponseWriter: rw, r: r}
 		r.mu.Lock()
 		fault, interceptor := r.fault, r.interceptor
 		r.mu.Unlock()
@@ -358,6 +369,24 @@ func writeRegistryError(w http.ResponseWriter, status int) {
 	w.WriteHeader(status)
 	fmt.Fprintf(w, `{"errors":[{"code":%q,"message":"registrytest: injected fault (HTTP %d)"}]}`+"\n", code, status)
 }
+
+// bytesWriter counts the body bytes sent into the registry's counts.
+type bytesWriter struct {
+	http.ResponseWriter
+	r *Registry
+}
+
+func (c *bytesWriter) Write(b []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(b)
+	c.r.mu.Lock()
+	c.r.counts.BytesSent += int64(n)
+	c.r.mu.Unlock()
+	return n, err
+}
+
+// Unwrap lets http.ResponseController (the reverse proxy's flushes) reach
+// the connection's writer.
+func (c *bytesWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 
 // count records one request by kind.
 func (r *Registry) count(req *http.Request) {
@@ -462,6 +491,7 @@ func (r *Registry) Counts() Counts {
 		BlobHeads:     copyCounts(r.counts.BlobHeads),
 		ManifestGets:  copyCounts(r.counts.ManifestGets),
 		ManifestHeads: copyCounts(r.counts.ManifestHeads),
+		BytesSent:     r.counts.BytesSent,
 	}
 }
 
