@@ -488,7 +488,13 @@ wait:
 		o := *t.get(name)
 		t.mu.Unlock()
 		pr := podResult{name: name}
+		// Ready (all containers running) comes before the gateway has read
+		// and compiled its module: wait for its "started" or "error" line.
 		g := gatewayLogOf(ctx, b.cs, b.ns, name)
+		for wait := time.Now().Add(time.Minute); o.failed == "" && !o.ready.IsZero() && g.started.IsZero() && g.errLine == "" && time.Now().Before(wait); {
+			time.Sleep(250 * time.Millisecond)
+			g = gatewayLogOf(ctx, b.cs, b.ns, name)
+		}
 		switch {
 		case o.created.IsZero():
 			pr.failure = "not created"
