@@ -73,11 +73,14 @@ fuzz:
 	FUZZTIME=$(FUZZTIME) bash test/fuzz.sh
 
 # Latency and memory of single publishes (50 iterations each), the pull
-# path's mechanisms against the plain path, then the bursts of many
-# distinct modules at once (one iteration each: a burst takes minutes).
+# path's mechanisms against the plain path, a cold publish with signature
+# verification against one without, then the bursts of many distinct
+# modules at once and the fleet of 20 daemons with and without a
+# pull-through cache (one iteration each: a burst takes minutes).
 bench: tools build
 	$(GO) test -run '^$$' -bench '^Benchmark(PublishCached|ColdPublish64MiB|DaemonMemory|BlobWrite64MiB|ReadAhead64MiB)$$' -benchmem -benchtime 50x -timeout 60m ./test/bench/
-	$(GO) test -run '^$$' -bench '^BenchmarkBurst$$' -benchtime 1x -timeout 60m -v ./test/bench/
+	$(GO) test -run '^$$' -bench '^BenchmarkColdPublishVerification$$' -benchmem -benchtime 20x -timeout 30m ./test/bench/
+	$(GO) test -run '^$$' -bench '^Benchmark(Burst|Fleet)$$' -benchtime 1x -timeout 60m -v ./test/bench/
 
 # The cluster benchmark (root; not part of CI's required run): the e2e
 # cluster brought up, gateway pods given the same module by each way
