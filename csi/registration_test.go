@@ -19,7 +19,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
-	"github.com/wasm-csi/wasm-csi/test/testlog"
+	"github.com/wasm-csi/wasm-csi/test/lib/testlog"
 )
 
 const regTestHostEndpoint = "/var/lib/kubelet/plugins/wasm.csi.dev/csi.sock"

@@ -20,8 +20,8 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
-	"github.com/wasm-csi/wasm-csi/test/testlog"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/testlog"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 // The fakes below stand in for the registry, the mounts and the Kubernetes

@@ -18,7 +18,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/mount"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
-	"github.com/wasm-csi/wasm-csi/test/testlog"
+	"github.com/wasm-csi/wasm-csi/test/lib/testlog"
 )
 
 // newTestService starts a Service over root the way the daemon does at

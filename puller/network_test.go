@@ -23,11 +23,11 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // These tests run the puller against a real distribution registry on
-// 127.0.0.1 (test/registrytest), through its fault-injecting proxy, and
+// 127.0.0.1 (test/lib/registrytest), through its fault-injecting proxy, and
 // plain httptest servers for redirect targets and token realms.
 
 // memSink is a Sink in memory.

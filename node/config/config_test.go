@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/test/testlog"
+	"github.com/wasm-csi/wasm-csi/test/lib/testlog"
 )
 
 func TestParseFileConfig(t *testing.T) {

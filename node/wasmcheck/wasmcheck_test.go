@@ -18,7 +18,7 @@ import (
 	"github.com/tetratelabs/wazero/imports/wasi_snapshot_preview1"
 
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 var allModes = []Mode{None, Wasm, ProxyWasm}

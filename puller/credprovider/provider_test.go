@@ -19,7 +19,7 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
-	"github.com/wasm-csi/wasm-csi/test/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 )
 
 // These tests run a real plugin executable (test/tools/credplugin), built

@@ -13,7 +13,7 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // A real distribution registry with basic auth that only the plugin's

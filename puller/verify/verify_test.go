@@ -17,8 +17,8 @@ import (
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 	"github.com/wasm-csi/wasm-csi/puller/verify"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/signtest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/signtest"
 )
 
 // prefixMatcher stands in for the images matcher of the config (its

@@ -1,6 +1,10 @@
 // Package bench measures wasm-csi with the real daemon binary (built without
 // the race detector), a real registry and real mounts. Run with `make bench`;
 // numbers go in the README, never into assertions.
+//
+// Needs: root (real mounts), distribution's registry (bin/registry, `make
+// tools`), the cosign CLI for the verification benchmarks (bin/cosign); the
+// fleet benchmark runs test/lib/fleet. Without root it skips (fails under CI).
 package bench
 
 import (
@@ -18,10 +22,10 @@ import (
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/signtest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/signtest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 const bigModule = 64 << 20

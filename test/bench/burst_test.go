@@ -16,9 +16,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 // kubeletDeadline is the deadline kubelet puts on a NodePublishVolume; it

@@ -22,7 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // bench holds what every run uses.
@@ -242,7 +242,7 @@ func (b *bench) startRegistry(ctx context.Context) error {
 		return err
 	}
 	// containerd's hosts.toml for the proxy: plain HTTP, pull and resolve.
-	toml := fmt.Sprintf("# clusterbench: the benchmark's registry (test/registrytest's counting proxy)\nserver = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", host, host)
+	toml := fmt.Sprintf("# clusterbench: the benchmark's registry (test/lib/registrytest's counting proxy)\nserver = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", host, host)
 	if err := os.WriteFile(filepath.Join(b.hostsDir(), "hosts.toml"), []byte(toml), 0o644); err != nil {
 		return err
 	}

@@ -16,7 +16,7 @@
 //	csi-cncf         (d) a wasm-csi volume of the CNCF artifact
 //
 // Every way pulls from the same local registry (distribution's, behind
-// test/registrytest's counting proxy): the driver through its config, the
+// test/lib/registrytest's counting proxy): the driver through its config, the
 // runtime through a hosts.toml the benchmark writes into containerd's
 // certs.d. For each module size, each N (pods created at once) and each way,
 // a repetition is a cold run (the runtime's images and content of the

@@ -11,7 +11,7 @@
 // log to). The kill points also depend on scheduling, so a replay
 // takes the same decisions, not necessarily the same interleavings.
 //
-// It makes real mounts: it runs as root.
+// Needs: root (real mounts) and distribution's registry (bin/registry).
 package crash
 
 import (
@@ -38,9 +38,9 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 const (

@@ -9,6 +9,10 @@
 // cluster down. Without WASM_CSI_E2E=1 (plain `go test ./...`) the suite is
 // skipped; with it, a cluster that is not up is a failure.
 //
+// Needs: the cluster up (root to bring it up: cluster.sh mounts, runs
+// kubelet and containerd, edits /etc/hosts), kubectl, distribution's
+// registry (bin/registry) and the cosign CLI (bin/cosign).
+//
 // Environment: WASM_CSI_E2E_KUBECONFIG (default
 // /var/lib/wasm-csi-e2e/pki/admin.kubeconfig), WASM_CSI_E2E_NODE (default
 // wasm-csi-e2e), WASM_CSI_KUBE_BIN_DIR (kubectl; default <repo>/bin),

@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"

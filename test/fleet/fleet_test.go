@@ -8,10 +8,10 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/wasm-csi/wasm-csi/test/fleet"
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/fleet"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 const (

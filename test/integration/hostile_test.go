@@ -26,9 +26,9 @@ import (
 	"oras.land/oras-go/v2/content"
 
 	"github.com/wasm-csi/wasm-csi/puller"
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 // hostileCase is one hostile image: how to push it to ref (an image of the

@@ -8,7 +8,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // TestLayouts publishes a module in every image layout of the contract and

@@ -2,7 +2,10 @@
 // the race detector) against a real OCI registry, and calls it over its unix
 // socket the way kubelet does for inline ephemeral volumes. The daemon pulls
 // through the registry's counting proxy, so every download is counted from
-// real traffic. The suite makes real mounts: it runs as root.
+// real traffic.
+//
+// Needs: root (real mounts), distribution's registry (bin/registry), the
+// cosign CLI (bin/cosign) for the signature tests. No apiserver, no cluster.
 package integration
 
 import (
@@ -29,9 +32,9 @@ import (
 	"google.golang.org/grpc/status"
 	"oras.land/oras-go/v2/content"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 var (

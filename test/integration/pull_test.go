@@ -10,8 +10,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // TestPullOutlivesCaller holds the module's download at the registry while

@@ -2,6 +2,10 @@
 // confused-deputy check, pod events, RBAC) against a real kube-apiserver
 // and etcd, with the driver running under the ServiceAccount and
 // ClusterRole from manifests/: a permission missing there fails here.
+//
+// Needs: root (the driver makes real mounts), a real kube-apiserver, kubectl
+// and etcd (test/lib/kubeenv: bin/kube-apiserver from `make tools`, Debian's
+// etcd) and distribution's registry (bin/registry).
 package kubeapi
 
 import (
@@ -24,10 +28,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/kubeenv"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/kubeenv"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 const (

@@ -16,7 +16,7 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/imagematch"
-	"github.com/wasm-csi/wasm-csi/test/kubeenv"
+	"github.com/wasm-csi/wasm-csi/test/lib/kubeenv"
 )
 
 const (

@@ -4,6 +4,12 @@
 // the CSIDriver is the driver's default name, the examples' volume attributes
 // pass csi.ParsePublishRequest, and every Wasm filename an Envoy config loads
 // lies on the wasm-csi volume mounted in the container that runs that Envoy.
+// The Helm chart renders to the kustomize install, and the admission policy
+// admits what the driver's own matcher admits.
+//
+// Needs: no root and no registry; kubectl (bin/kubectl, for `kubectl
+// kustomize`), the helm CLI (bin/helm, built when missing), and for the
+// admission test a real kube-apiserver and etcd (test/lib/kubeenv).
 package manifests
 
 import (
@@ -27,7 +33,7 @@ import (
 	"testing"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
-	"github.com/wasm-csi/wasm-csi/test/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"

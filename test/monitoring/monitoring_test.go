@@ -4,6 +4,8 @@
 // from the driver itself: the test starts the real daemon (bin/wasm-csi-driver,
 // built when missing) on a temporary root and scrapes its /metrics.
 //
+// Needs: no root, no registry, no apiserver (the daemon publishes nothing).
+//
 // This is a module of its own (see go.mod) so that the Prometheus server's
 // dependencies, which the parser pulls in, never reach the driver's build.
 package monitoring

@@ -1,4 +1,7 @@
-// Package sanity runs csi-test's sanity suite against the real daemon.
+// Package sanity runs csi-test's sanity suite against the real daemon: the
+// CSI spec's Identity and Node behaviour, called over the unix socket.
+//
+// Needs: root (real mounts) and distribution's registry (bin/registry).
 package sanity
 
 import (
@@ -16,9 +19,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 // volumeSource stands in for the external provisioner sanity expects: csi-test

@@ -3,8 +3,10 @@
 // from this repository at a fixed commit (git archive), publishes volumes,
 // stops; the current driver starts on the same --root-dir. The earlier
 // mounts still serve, their unpublish cleans up, stored modules are not
-// downloaded again and new publishes work. Real binaries, a real registry,
-// real mounts: run as root.
+// downloaded again and new publishes work.
+//
+// Needs: root (real mounts), distribution's registry (bin/registry) and git
+// history (the earlier driver is built with `git archive`).
 package upgrade
 
 import (
@@ -23,9 +25,9 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/wasm-csi/wasm-csi/node/store"
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 // fromCommit is the earlier driver: main on the day upgrades were first

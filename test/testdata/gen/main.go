@@ -11,7 +11,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 func main() {

@@ -18,7 +18,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
 const samplePlugin = "../../testdata/plugin.wasm"

@@ -19,7 +19,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 func main() {

@@ -4,7 +4,7 @@
 // certificate, the service account key pair, and kubeconfigs with client
 // certificates for the admin (system:masters), the kubelet
 // (system:node:NODE in system:nodes), kube-controller-manager and
-// kube-scheduler. It follows test/kubeenv's certificate code (ECDSA P-256,
+// kube-scheduler. It follows test/lib/kubeenv's certificate code (ECDSA P-256,
 // PKCS#8 keys), whose helpers are unexported.
 //
 //	pki -dir DIR -node NODE -server https://127.0.0.1:PORT -service-ip 10.96.23.1
@@ -21,7 +21,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/test/kubeenv"
+	"github.com/wasm-csi/wasm-csi/test/lib/kubeenv"
 )
 
 const validity = 72 * time.Hour

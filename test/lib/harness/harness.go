@@ -1,5 +1,12 @@
 // Package harness runs the real wasm-csi-driver binary for tests and calls
-// it over its unix socket the way kubelet does.
+// it over its unix socket the way kubelet does. It provides: building the
+// driver (BuildDriver, with or without the race detector) and the test
+// credential plugin (BuildCredentialPlugin, test/tools/credplugin); starting,
+// killing and restarting a daemon on its own root dir (StartDaemon, Daemon);
+// kubelet-shaped publish requests and pod directories (Kubelet, Pod);
+// reading a mount's options (MountOptions), unmounting what a test left
+// (UnmountUnder); RepoRoot, FreePort, and RequireRoot for the suites that
+// mount. It needs the Go toolchain; the daemons it starts need root.
 package harness
 
 import (
@@ -25,7 +32,7 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/wasm-csi/wasm-csi/test/testlog"
+	"github.com/wasm-csi/wasm-csi/test/lib/testlog"
 )
 
 // RepoRoot finds the repository's root: the first directory above the

@@ -43,8 +43,8 @@ import (
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // EnvCosignBinary overrides the path of the cosign CLI.

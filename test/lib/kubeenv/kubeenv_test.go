@@ -17,7 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/wasm-csi/wasm-csi/test/kubeenv"
+	"github.com/wasm-csi/wasm-csi/test/lib/kubeenv"
 )
 
 func TestAdminClient(t *testing.T) {

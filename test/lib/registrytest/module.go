@@ -6,10 +6,10 @@ import (
 	"io"
 	"os"
 
-	"github.com/wasm-csi/wasm-csi/test/wasmgen"
+	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
 )
 
-// Module returns a real proxy-wasm module (test/wasmgen) unique to name:
+// Module returns a real proxy-wasm module (test/lib/wasmgen) unique to name:
 // different names give different modules and digests. It is padded to
 // exactly size bytes when size is at least the smallest padded module
 // (about 560 bytes); below that it is the unpadded module. The padding is

@@ -36,7 +36,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/crypto/bcrypt"

@@ -392,7 +392,7 @@ func TestBadFixtures(t *testing.T) {
 // TestCommittedPlugin keeps test/testdata/plugin.wasm in sync with the
 // generator; rebuild it with `go run ./test/testdata/gen` from the repo root.
 func TestCommittedPlugin(t *testing.T) {
-	path := filepath.Join("..", "testdata", "plugin.wasm")
+	path := filepath.Join("..", "..", "testdata", "plugin.wasm")
 	got, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)

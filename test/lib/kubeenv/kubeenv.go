@@ -35,7 +35,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"

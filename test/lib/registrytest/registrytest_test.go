@@ -26,7 +26,7 @@ import (
 	"oras.land/oras-go/v2/registry/remote/errcode"
 
 	"github.com/wasm-csi/wasm-csi/puller"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // pulled is an image copied back from the registry into memory.

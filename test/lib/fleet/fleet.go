@@ -1,8 +1,8 @@
 // Package fleet runs a fleet of wasm-csi "nodes" on this machine, each a
 // real daemon with its own root dir, socket and kubelet tree, all pulling
 // from one upstream registry, directly or through a pull-through cache
-// (distribution's registry in proxy mode). The fleet test and `make bench`
-// use it.
+// (distribution's registry in proxy mode). The fleet suite (test/fleet) and
+// `make bench` (BenchmarkFleet) use it. Running one needs root.
 package fleet
 
 import (
@@ -18,8 +18,8 @@ import (
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 
-	"github.com/wasm-csi/wasm-csi/test/harness"
-	"github.com/wasm-csi/wasm-csi/test/registrytest"
+	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
 // Via says how the nodes reach the cache.
