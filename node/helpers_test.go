@@ -21,7 +21,7 @@ func openStore(t *testing.T, root string) *store.Store {
 // putBlob stores data as a module, without validating it.
 func putBlob(t *testing.T, s *store.Store, data []byte) digest.Digest {
 	t.Helper()
-	w, err := s.NewBlobWriter()
+	w, err := s.NewBlobWriter(nil)
 	if err != nil {
 		t.Fatal(err)
 	}

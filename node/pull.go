@@ -323,7 +323,7 @@ func (s *Service) pullSlot(ctx context.Context, ref puller.Reference) (func(), e
 // download streams the module into the store, validates it and records
 // which module the reference resolved to.
 func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential) (store.RefRecord, error) {
-	w, err := s.store.NewBlobWriter()
+	w, err := s.store.NewBlobWriter(s.cfg.Puller.Buffers)
 	if err != nil {
 		return store.RefRecord{}, withImage(err, ref.Original)
 	}

@@ -15,7 +15,7 @@ import (
 // storeModule commits body to s and dates its last use at t.
 func storeModule(t *testing.T, s *Store, body string, used time.Time) digest.Digest {
 	t.Helper()
-	w, err := s.NewBlobWriter()
+	w, err := s.NewBlobWriter(nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -220,24 +220,103 @@ type BlobWriter struct {
 	// flushed is the offset up to which buffered writeback was started.
 	flushed int64
 	done    bool
+	// bufs is where the staging buffers come from and go back to; held
+	// counts the ones taken (at most 2).
+	bufs        StageBuffers
+	held        int
+	askedSecond bool
 }
+
+// StageBuffers is where a BlobWriter in direct mode takes its staging
+// buffers: puller.Buffers, the pool every pull of the node shares, so the
+// writers of a burst reuse a few buffers under one budget instead of each
+// allocating its own. Buffers must be page-aligned, all of one size, a
+// multiple of the page size.
+type StageBuffers interface {
+	// Get returns a buffer, past the budget too: the writer's first.
+	Get() []byte
+	// TryGet returns a buffer within the budget, or nil: the second one,
+	// which only lets disk writes overlap hashing.
+	TryGet() []byte
+	// Put gives a buffer back.
+	Put([]byte)
+}
+
+// ownBuffers allocates a buffer per Get and lets the garbage collector
+// have it back: for a writer given no pool.
+type ownBuffers struct{}
+
+func (ownBuffers) Get() []byte    { return alignedBuffer(stageSize) }
+func (ownBuffers) TryGet() []byte { return alignedBuffer(stageSize) }
+func (ownBuffers) Put([]byte)     {}
 
 const (
 	stageSize = 1 << 20
 	alignment = 4096
 )
 
-// NewBlobWriter starts a new module write.
-func (s *Store) NewBlobWriter() (*BlobWriter, error) {
+// NewBlobWriter starts a new module write. Its staging buffers come from
+// bufs, or are its own when bufs is nil; Commit and Abort give them back.
+func (s *Store) NewBlobWriter(bufs StageBuffers) (*BlobWriter, error) {
+	if bufs == nil {
+		bufs = ownBuffers{}
+	}
 	f, direct, err := createTemp(s.blobDir())
 	if err != nil {
 		return nil, storageError(err, "creating a temp file in the store")
 	}
-	w := &BlobWriter{s: s, f: f, h: sha256.New(), direct: direct}
+	w := &BlobWriter{s: s, f: f, h: sha256.New(), direct: direct, bufs: bufs}
 	if direct {
 		w.startDirectWriter()
 	}
 	return w, nil
+}
+
+// stageBuffer returns a staging buffer from w.bufs: the first always, the
+// second only within the pool's budget (nil otherwise). A buffer that is
+// not page-aligned or not a whole number of pages cannot be written with
+// O_DIRECT: it is given back and one of the writer's own is used.
+func (w *BlobWriter) stageBuffer(first bool) []byte {
+	var b []byte
+	if first {
+		b = w.bufs.Get()
+	} else {
+		b = w.bufs.TryGet()
+	}
+	if b == nil {
+		return nil
+	}
+	if len(b) == 0 || len(b)%alignment != 0 || uintptr(unsafe.Pointer(&b[0]))%alignment != 0 {
+		w.bufs.Put(b)
+		b = alignedBuffer(stageSize)
+	} else {
+		w.held++
+	}
+	return b
+}
+
+// releaseBuffers gives the staging buffers back once the writer goroutine
+// is gone (every buffer is then in w.stage or w.spare).
+func (w *BlobWriter) releaseBuffers() {
+	if w.pending != nil {
+		return
+	}
+	put := func(b []byte) {
+		if b != nil && w.held > 0 {
+			w.held--
+			w.bufs.Put(b)
+		}
+	}
+	put(w.stage)
+	w.stage = nil
+	for w.spare != nil {
+		select {
+		case b := <-w.spare:
+			put(b)
+		default:
+			w.spare = nil
+		}
+	}
 }
 
 // createTemp makes a new temp file in dir, with O_DIRECT when dir's
@@ -318,13 +397,18 @@ const writebackChunk = 8 << 20
 
 // startDirectWriter starts the goroutine that writes full, aligned stage
 // buffers with O_DIRECT while the caller hashes and fills the next one.
+//
+// It starts with one staging buffer (a small module never needs more);
+// flushStage asks for the second.
 func (w *BlobWriter) startDirectWriter() {
-	w.spare = make(chan []byte, 2)
-	w.spare <- alignedBuffer(stageSize)
-	w.spare <- alignedBuffer(stageSize)
+	if w.spare == nil {
+		w.spare = make(chan []byte, 2)
+	}
+	if w.stage == nil {
+		w.stage = w.stageBuffer(true)
+	}
 	w.pending = make(chan []byte, 2)
 	w.wdone = make(chan error, 1)
-	w.stage = <-w.spare
 	go func(f *os.File, pending <-chan []byte, spare chan<- []byte, done chan<- error, failed *atomic.Bool) {
 		var err error
 		for b := range pending {
@@ -367,6 +451,15 @@ func (w *BlobWriter) flushStage() error {
 			return err
 		}
 		return errdefs.New(errdefs.ErrInternal, "", nil, "write to a finished blob writer")
+	}
+	if !w.askedSecond {
+		// The second buffer lets the next one fill while this one is
+		// written; without it (the pool's budget is spent) the write
+		// waits for the writer goroutine.
+		w.askedSecond = true
+		if b := w.stageBuffer(false); b != nil {
+			w.spare <- b
+		}
 	}
 	w.pending <- w.stage
 	w.stage = <-w.spare
@@ -458,6 +551,8 @@ func (w *BlobWriter) Commit(verify func(path string) error) (digest.Digest, erro
 		return "", errors.New("blob writer already finished")
 	}
 	w.done = true
+	// flushTail below stops the writer goroutine whatever it returns.
+	defer w.releaseBuffers()
 	d := w.Digest()
 	tmp := w.f.Name()
 	if err := w.flushTail(); err != nil {
@@ -505,6 +600,7 @@ func (w *BlobWriter) Abort() {
 	}
 	w.done = true
 	_ = w.waitDirectWriter()
+	w.releaseBuffers()
 	w.f.Close()
 	os.Remove(w.f.Name())
 }

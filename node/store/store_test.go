@@ -252,7 +252,7 @@ func TestBlobWriterSizes(t *testing.T) {
 			for i, size := range blobSizes {
 				t.Run(strconv.Itoa(size), func(t *testing.T) {
 					data := content(size, uint64(i))
-					w, err := s.NewBlobWriter()
+					w, err := s.NewBlobWriter(nil)
 					if err != nil {
 						t.Fatalf("NewBlobWriter: %v", err)
 					}
@@ -307,7 +307,7 @@ func TestBlobWriterReset(t *testing.T) {
 			s := openStore(t, fsys.root(t))
 			for i, tt := range tests {
 				t.Run(tt.name, func(t *testing.T) {
-					w, err := s.NewBlobWriter()
+					w, err := s.NewBlobWriter(nil)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -345,7 +345,7 @@ func TestBlobWriterVerifyFails(t *testing.T) {
 			s := openStore(t, fsys.root(t))
 			for _, size := range []int{10, 2<<20 + 3} {
 				data := content(size, 3)
-				w, err := s.NewBlobWriter()
+				w, err := s.NewBlobWriter(nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -383,7 +383,7 @@ func TestBlobWriterVerifyFails(t *testing.T) {
 			}
 			// A verify that passes sees the same and lets the commit through.
 			data := content(5000, 4)
-			w, _ := s.NewBlobWriter()
+			w, _ := s.NewBlobWriter(nil)
 			writePieces(t, w, data, 4)
 			d, err := w.Commit(func(p string) error {
 				if b, _ := os.ReadFile(p); !bytes.Equal(b, data) {
@@ -406,7 +406,7 @@ func TestBlobWriterSameContentTwice(t *testing.T) {
 			data := content(1<<20+100, 8)
 			var ds []digest.Digest
 			for i := range 2 {
-				w, err := s.NewBlobWriter()
+				w, err := s.NewBlobWriter(nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -437,7 +437,7 @@ func TestBlobWriterAbort(t *testing.T) {
 		t.Run(fsys.name, func(t *testing.T) {
 			s := openStore(t, fsys.root(t))
 			for _, size := range []int{0, 100, 1 << 20, 2<<20 + 1} {
-				w, err := s.NewBlobWriter()
+				w, err := s.NewBlobWriter(nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -481,7 +481,7 @@ func TestBlobWriterNoSpace(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			root := mountFS(t, "tmpfs", "size=1m")
 			s := openStore(t, root)
-			w, err := s.NewBlobWriter()
+			w, err := s.NewBlobWriter(nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -517,7 +517,7 @@ func TestBlobWriterNoSpace(t *testing.T) {
 			}
 			// The space is back: a small module fits.
 			small := content(64<<10, 12)
-			w, err = s.NewBlobWriter()
+			w, err = s.NewBlobWriter(nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -534,7 +534,7 @@ func TestBlobWriterNoSpace(t *testing.T) {
 func TestHasBlob(t *testing.T) {
 	s := openStore(t, t.TempDir())
 	data := []byte("module")
-	w, _ := s.NewBlobWriter()
+	w, _ := s.NewBlobWriter(nil)
 	w.Write(data)
 	d, err := w.Commit(nil)
 	if err != nil {
@@ -565,7 +565,7 @@ func TestHasBlob(t *testing.T) {
 
 func putBlob(t *testing.T, s *Store, data []byte) digest.Digest {
 	t.Helper()
-	w, err := s.NewBlobWriter()
+	w, err := s.NewBlobWriter(nil)
 	if err != nil {
 		t.Fatal(err)
 	}

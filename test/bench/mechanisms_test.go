@@ -65,7 +65,7 @@ func BenchmarkBlobWrite64MiB(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		start := time.Now()
-		w, err := st.NewBlobWriter()
+		w, err := st.NewBlobWriter(nil)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -172,7 +172,7 @@ func BenchmarkReadAhead64MiB(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		w, err := st.NewBlobWriter()
+		w, err := st.NewBlobWriter(nil)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -185,7 +185,7 @@ func BenchmarkReadAhead64MiB(b *testing.B) {
 		b.StartTimer()
 
 		start = time.Now()
-		w, err = st.NewBlobWriter()
+		w, err = st.NewBlobWriter(nil)
 		if err != nil {
 			b.Fatal(err)
 		}
