@@ -286,6 +286,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.Handle("/healthz", csi.HealthHandler(checks...))
+	addDebugHandlers(mux)
 	hs := &http.Server{Addr: cfg.MetricsAddress, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	lis, err := net.Listen("tcp", cfg.MetricsAddress)
 	if err != nil {

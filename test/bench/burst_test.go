@@ -63,7 +63,15 @@ func BenchmarkBurst(b *testing.B) {
 		}
 		settle = d
 	}
-	for bi, bu := range bursts {
+	list := bursts
+	if s := os.Getenv("BURST_ONLY"); s != "" {
+		var n, kib int
+		if _, err := fmt.Sscanf(s, "%dx%dKiB", &n, &kib); err != nil {
+			b.Fatalf("BURST_ONLY=%q: want NxKKiB", s)
+		}
+		list = []burst{{n, kib << 10}}
+	}
+	for bi, bu := range list {
 		b.Run(bu.String(), func(b *testing.B) {
 			images := pushDistinct(ctx, b, reg, fmt.Sprintf("bench/burst%d", bi), bu)
 			var peak, took, after []float64
@@ -141,6 +149,7 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	var retries atomic.Int64
 	var wg sync.WaitGroup
 	errs := make([]error, len(reqs))
+	stopProfile := profileBurst(b, d)
 	b.StartTimer()
 	start := time.Now()
 	for i, r := range reqs {
@@ -153,6 +162,7 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	wg.Wait()
 	elapsed := time.Since(start)
 	b.StopTimer()
+	stopProfile()
 	hwm := rssKiB(b, d.Pid(), "VmHWM")
 	for i, err := range errs {
 		if err != nil {
