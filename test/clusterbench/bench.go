@@ -307,7 +307,7 @@ func (b *bench) pushModule(ctx context.Context, size int64, nonce string) (image
 	return img, nil
 }
 
-// buildCopier builds test/clusterbench/tools/cp, static.
+// buildCopier builds test/tools/cp, static.
 func (b *bench) buildCopier(ctx context.Context) ([]byte, error) {
 	dir, err := os.MkdirTemp("", "clusterbench-cp-")
 	if err != nil {
@@ -315,10 +315,10 @@ func (b *bench) buildCopier(ctx context.Context) ([]byte, error) {
 	}
 	defer os.RemoveAll(dir)
 	out := filepath.Join(dir, "cp")
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./test/clusterbench/tools/cp")
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./test/tools/cp")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if o, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("go build ./test/clusterbench/tools/cp (run from the repository's root): %v\n%s", err, o)
+		return nil, fmt.Errorf("go build ./test/tools/cp (run from the repository's root): %v\n%s", err, o)
 	}
 	return os.ReadFile(out)
 }

@@ -20,7 +20,7 @@
 #   (test/kube/build.sh); containerd v2.4.2 and runc v1.5.2 (`go install`).
 # - Images assembled from static Go binaries by cmd/mkimage and
 #   imported with `ctr -n k8s.io images import`: the pause image
-#   (test/e2e/tools/pause), the driver (bin/wasm-csi-driver) and the test
+#   (test/tools/pause), the driver (bin/wasm-csi-driver) and the test
 #   gateway (test/tools/gateway). Nothing is pulled from a registry.
 #
 # The runtime reads registry hosts from $STATE/containerd/certs.d/<host>/hosts.toml
@@ -225,7 +225,7 @@ build_all() {
 		driver=$BIN/wasm-csi-driver
 	fi
 	mkdir -p "$STATE/bin" "$STATE/images"
-	CGO_ENABLED=0 "$GO" build -trimpath -o "$STATE/bin/" ./test/e2e/tools/pause ./test/e2e/tools/pki ./cmd/mkimage
+	CGO_ENABLED=0 "$GO" build -trimpath -o "$STATE/bin/" ./test/tools/pause ./test/tools/pki ./cmd/mkimage
 	CGO_ENABLED=0 "$GO" build -trimpath -o "$STATE/bin/gateway" "$(gateway_pkg)"
 	"$STATE/bin/mkimage" -o "$STATE/images/pause.tar" -name "$PAUSE_IMAGE" -entrypoint /pause "$STATE/bin/pause=/pause" >&2
 	"$STATE/bin/mkimage" -o "$STATE/images/driver.tar" -name "$DRIVER_IMAGE" -entrypoint /wasm-csi-driver "$driver=/wasm-csi-driver" >&2
