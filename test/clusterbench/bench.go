@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/wasm-csi/wasm-csi/test/lib/kubenode"
 	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 )
 
@@ -379,7 +380,7 @@ func (b *bench) snap() snapshot {
 		b.log("driver CPU: %v", err)
 	}
 	s.shims = shimsCPU(b.shimBin)
-	mounts, err := mountPoints()
+	mounts, err := kubenode.MountPoints()
 	if err != nil {
 		b.log("mounts: %v", err)
 	}

@@ -19,6 +19,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/wasm-csi/wasm-csi/test/lib/kubenode"
 )
 
 // observed is what the watch saw of one pod.
@@ -70,8 +72,8 @@ func (t *tracker) see(p *corev1.Pod, at time.Time) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	o := t.get(p.Name)
-	o.state = podState(p)
-	if o.ready.IsZero() && podReady(p) {
+	o.state = kubenode.PodState(p)
+	if o.ready.IsZero() && kubenode.PodReady(p) {
 		o.ready = at
 	}
 	if o.failed == "" {
@@ -105,34 +107,6 @@ func podFailure(p *corev1.Pod) string {
 		}
 	}
 	return ""
-}
-
-func podReady(p *corev1.Pod) bool {
-	if p.Status.Phase != corev1.PodRunning {
-		return false
-	}
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
-}
-
-func podState(p *corev1.Pod) string {
-	s := string(p.Status.Phase)
-	statuses := append(append([]corev1.ContainerStatus{}, p.Status.InitContainerStatuses...), p.Status.ContainerStatuses...)
-	for _, cs := range statuses {
-		switch {
-		case cs.State.Waiting != nil:
-			s += fmt.Sprintf(" %s:waiting(%s)", cs.Name, cs.State.Waiting.Reason)
-		case cs.State.Terminated != nil:
-			s += fmt.Sprintf(" %s:terminated(%s, exit %d)", cs.Name, cs.State.Terminated.Reason, cs.State.Terminated.ExitCode)
-		case cs.State.Running != nil:
-			s += fmt.Sprintf(" %s:running", cs.Name)
-		}
-	}
-	return s
 }
 
 // watchPods feeds t with the pods of namespace ns until ctx ends, watching
@@ -347,8 +321,8 @@ func (d driver) waitReady(ctx context.Context) (*corev1.Pod, error) {
 		if err != nil || p == nil {
 			return false, "no driver pod", err
 		}
-		if !podReady(p) {
-			return false, podState(p), nil
+		if !kubenode.PodReady(p) {
+			return false, kubenode.PodState(p), nil
 		}
 		n, err := d.cs.StorageV1().CSINodes().Get(ctx, d.node, metav1.GetOptions{})
 		if err != nil {

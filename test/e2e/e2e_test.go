@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,8 +15,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	corev1 "k8s.io/api/core/v1"
-	"sigs.k8s.io/yaml"
 
+	"github.com/wasm-csi/wasm-csi/test/lib/kubenode"
 	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 	"github.com/wasm-csi/wasm-csi/test/lib/signtest"
 	"github.com/wasm-csi/wasm-csi/test/lib/wasmgen"
@@ -117,9 +116,7 @@ func TestE2E(t *testing.T) {
 
 	t.Run("gateway loads the exact module, read-only", func(t *testing.T) {
 		c := c.with(t)
-		c.apply(c.gatewayPod("gw-a", modA.image, podOpts{}))
-		c.waitPodReady("gw-a", 2*time.Minute)
-		c.checkLoaded("gw-a", modA)
+		c.startGateway("gw-a", modA, podOpts{})
 		sha, raw, err := c.startReport("gw-a")
 		if err != nil || sha != modA.sha256 {
 			t.Fatalf("GET /module of gw-a: sha256 %q (%v), want %s: %s", sha, err, modA.sha256, raw)
@@ -132,9 +129,7 @@ func TestE2E(t *testing.T) {
 
 	t.Run("readOnly false in the pod: still a read-only file", func(t *testing.T) {
 		c := c.with(t)
-		c.apply(c.gatewayPod("gw-rw", modA.image, podOpts{writable: true}))
-		c.waitPodReady("gw-rw", 2*time.Minute)
-		c.checkLoaded("gw-rw", modA)
+		c.startGateway("gw-rw", modA, podOpts{writable: true})
 		c.must("-n", c.ns, "delete", "pod", "gw-rw", "--grace-period=1", "--wait=false")
 	})
 
@@ -162,10 +157,10 @@ func TestE2E(t *testing.T) {
 			}
 			ready, states := 0, map[string]int{}
 			for i := range pods {
-				if podReady(&pods[i]) {
+				if kubenode.PodReady(&pods[i]) {
 					ready++
 				}
-				states[podState(&pods[i])]++
+				states[kubenode.PodState(&pods[i])]++
 			}
 			return ready == 10 && len(pods) == 10, fmt.Sprintf("%d/%d ready: %v", ready, len(pods), states)
 		})
@@ -215,9 +210,7 @@ func TestE2E(t *testing.T) {
 		})
 		t.Logf("gw-noauth refused: %s", refusal)
 
-		c.apply(c.gatewayPod("gw-auth", modP.image, podOpts{pullSecrets: []string{"regcred"}}))
-		c.waitPodReady("gw-auth", 2*time.Minute)
-		c.checkLoaded("gw-auth", modP)
+		c.startGateway("gw-auth", modP, podOpts{pullSecrets: []string{"regcred"}})
 
 		// The module is on the node now, pulled with gw-auth's secret: the
 		// pod without credentials still does not get it.
@@ -227,7 +220,7 @@ func TestE2E(t *testing.T) {
 			t.Fatal(err)
 		}
 		if p.Status.Phase == corev1.PodRunning {
-			t.Errorf("gw-noauth, without pull secrets, is Running: %s", podState(p))
+			t.Errorf("gw-noauth, without pull secrets, is Running: %s", kubenode.PodState(p))
 		}
 		out := c.must("-n", c.ns, "describe", "pod", "gw-noauth")
 		t.Logf("kubectl describe pod gw-noauth (events):\n%s", out[strings.LastIndex(out, "Events:"):])
@@ -278,7 +271,7 @@ func TestE2E(t *testing.T) {
 				return false, "the old pod"
 			}
 			fresh = p
-			return podReady(p), podState(p)
+			return kubenode.PodReady(p), kubenode.PodState(p)
 		})
 		waitUntil(t, time.Minute, "the new driver registered with kubelet (csinode)", func() (bool, string) {
 			d, err := c.csiNodeDrivers()
@@ -290,8 +283,8 @@ func TestE2E(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !podReady(p) || p.Status.ContainerStatuses[0].RestartCount != 0 {
-				t.Errorf("gateway %s after the driver's restart: %s", g, podState(p))
+			if !kubenode.PodReady(p) || p.Status.ContainerStatuses[0].RestartCount != 0 {
+				t.Errorf("gateway %s after the driver's restart: %s", g, kubenode.PodState(p))
 			}
 		}
 		// New pods start: one with the module already stored (no download),
@@ -316,25 +309,30 @@ func TestE2E(t *testing.T) {
 		}
 		uid := string(p.UID)
 		target := volumeTarget(uid)
-		line, ok := mountOf(target)
+		m, ok, err := kubenode.MountOf(target)
+		if err != nil {
+			t.Fatal(err)
+		}
 		if !ok {
 			t.Fatalf("%s is not a mount point on the host", target)
 		}
-		opts := strings.Split(strings.Fields(line)[3], ",")
+		opts := m.Opts()
 		if !contains(opts, "ro") || !contains(opts, "nosuid") || !contains(opts, "nodev") {
-			t.Errorf("the volume of gw-a is mounted %s, want ro,nosuid,nodev", strings.Fields(line)[3])
+			t.Errorf("the volume of gw-a is mounted %s, want ro,nosuid,nodev", strings.Join(opts, ","))
 		}
 		recs, err := volumeRecords(uid)
 		if err != nil || len(recs) != 1 {
 			t.Fatalf("volume records of gw-a in %s: %v %v", storeDir, recs, err)
 		}
-		t.Logf("before: %s", line)
+		t.Logf("before: %s", m)
 		c.must("-n", c.ns, "delete", "pod", "gw-a", "--wait=false")
 		c.waitPodGone("gw-a", time.Minute)
 		podDir := filepath.Join(kubeletDir, "pods", uid)
 		waitUntil(t, time.Minute, "gw-a's volume unmounted, its pod directory and volume record removed", func() (bool, string) {
-			if l, ok := mountOf(target); ok {
-				return false, "still mounted: " + l
+			if m, ok, err := kubenode.MountOf(target); err != nil {
+				return false, err.Error()
+			} else if ok {
+				return false, "still mounted: " + m.String()
 			}
 			if _, err := os.Stat(podDir); err == nil {
 				return false, podDir + " still exists"
@@ -359,32 +357,8 @@ func TestE2E(t *testing.T) {
 		restarts := before.Status.ContainerStatuses[0].RestartCount
 		storedBefore := metric(t, "wasmcsi_store_modules")
 
-		var cm corev1.ConfigMap
-		if err := c.getJSON(&cm, "-n", driverNamespace, "get", "configmap", "wasm-csi-config"); err != nil {
-			t.Fatal(err)
-		}
-		orig := cm.Data["config.yaml"]
-		var cfg map[string]any
-		if err := yaml.Unmarshal([]byte(orig), &cfg); err != nil {
-			t.Fatalf("the config map's config.yaml: %v", err)
-		}
-		cfg["prePull"] = []map[string]string{{"image": modD.image}}
-		edited, err := yaml.Marshal(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		patch := func(data string) error {
-			p, _ := json.Marshal(map[string]any{"data": map[string]string{"config.yaml": data}})
-			_, err := c.run("", "-n", driverNamespace, "patch", "configmap", "wasm-csi-config", "--type=merge", "-p", string(p))
-			return err
-		}
-		if err := patch(string(edited)); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if err := patch(orig); err != nil {
-				t.Logf("restore the config map: %v", err)
-			}
+		c.editDriverConfig(func(cfg map[string]any) {
+			cfg["prePull"] = []map[string]string{{"image": modD.image}}
 		})
 		t.Logf("config map edited: prePull: [{image: %s}]", modD.image)
 
@@ -415,9 +389,7 @@ func TestE2E(t *testing.T) {
 		}
 
 		// A pod that asks now finds it on the node.
-		c.apply(c.gatewayPod("gw-prepulled", modD.image, podOpts{}))
-		c.waitPodReady("gw-prepulled", 2*time.Minute)
-		c.checkLoaded("gw-prepulled", modD)
+		c.startGateway("gw-prepulled", modD, podOpts{})
 		if n := reg.BlobGets(modD.layer); n != 1 {
 			t.Errorf("the pod downloaded the pre-pulled module again (%d blob GETs)", n)
 		}
@@ -438,35 +410,11 @@ func TestE2E(t *testing.T) {
 		bad := newModule(t, run, "unsigned", reg.Host()+"/e2e/signed/bad:1.0", reg.ProxyHost()+"/e2e/signed/bad:1.0")
 		signtest.SignKey(t, kp, reg.Host()+"/e2e/signed/good:1.0", false)
 
-		var cm corev1.ConfigMap
-		if err := c.getJSON(&cm, "-n", driverNamespace, "get", "configmap", "wasm-csi-config"); err != nil {
-			t.Fatal(err)
-		}
-		orig := cm.Data["config.yaml"]
-		var cfg map[string]any
-		if err := yaml.Unmarshal([]byte(orig), &cfg); err != nil {
-			t.Fatalf("the config map's config.yaml: %v", err)
-		}
-		cfg["verification"] = map[string]any{"policies": []any{map[string]any{
-			"name": "e2e-release", "images": []string{reg.ProxyHost() + "/e2e/signed"},
-			"cosign": map[string]any{"ignoreTlog": true, "keys": []any{map[string]string{"pem": kp.PublicPEM}}},
-		}}}
-		edited, err := yaml.Marshal(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		patch := func(data string) error {
-			p, _ := json.Marshal(map[string]any{"data": map[string]string{"config.yaml": data}})
-			_, err := c.run("", "-n", driverNamespace, "patch", "configmap", "wasm-csi-config", "--type=merge", "-p", string(p))
-			return err
-		}
-		if err := patch(string(edited)); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if err := patch(orig); err != nil {
-				t.Logf("restore the config map: %v", err)
-			}
+		c.editDriverConfig(func(cfg map[string]any) {
+			cfg["verification"] = map[string]any{"policies": []any{map[string]any{
+				"name": "e2e-release", "images": []string{reg.ProxyHost() + "/e2e/signed"},
+				"cosign": map[string]any{"ignoreTlog": true, "keys": []any{map[string]string{"pem": kp.PublicPEM}}},
+			}}}
 		})
 		drv, err := c.driverPod()
 		if err != nil {
@@ -509,7 +457,7 @@ func TestE2E(t *testing.T) {
 			t.Fatal(err)
 		}
 		if p.Status.Phase == corev1.PodRunning {
-			t.Errorf("gw-unsigned is Running: %s", podState(p))
+			t.Errorf("gw-unsigned is Running: %s", kubenode.PodState(p))
 		}
 		if n := reg.BlobGets(bad.layer); n != 1 {
 			t.Logf("gw-unsigned: the registry served its blob %d times (each refused pull downloads, checks, drops)", n)

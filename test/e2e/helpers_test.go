@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -19,12 +18,14 @@ import (
 	"time"
 
 	"github.com/wasm-csi/wasm-csi/test/lib/harness"
+	"github.com/wasm-csi/wasm-csi/test/lib/kubenode"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/yaml"
 )
 
 // Names shared with test/e2e/cluster.sh and test/e2e/overlay.
@@ -143,33 +144,6 @@ func (c *cluster) events(pod string) ([]corev1.Event, error) {
 	return l.Items, nil
 }
 
-func podReady(p *corev1.Pod) bool {
-	if p.Status.Phase != corev1.PodRunning {
-		return false
-	}
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
-}
-
-func podState(p *corev1.Pod) string {
-	s := string(p.Status.Phase)
-	for _, cs := range p.Status.ContainerStatuses {
-		switch {
-		case cs.State.Waiting != nil:
-			s += fmt.Sprintf(" %s:waiting(%s: %s)", cs.Name, cs.State.Waiting.Reason, cs.State.Waiting.Message)
-		case cs.State.Terminated != nil:
-			s += fmt.Sprintf(" %s:terminated(%s, exit %d)", cs.Name, cs.State.Terminated.Reason, cs.State.Terminated.ExitCode)
-		case cs.State.Running != nil:
-			s += fmt.Sprintf(" %s:running(ready=%v, restarts=%d)", cs.Name, cs.Ready, cs.RestartCount)
-		}
-	}
-	return s
-}
-
 // waitUntil polls f every half second until it reports done, and fails the
 // test after timeout with f's last word on why not.
 func waitUntil(t *testing.T, timeout time.Duration, what string, f func() (bool, string)) {
@@ -201,9 +175,9 @@ func (c *cluster) waitPodReady(name string, timeout time.Duration) *corev1.Pod {
 		}
 		pod = p
 		if p.Status.Phase == corev1.PodFailed || p.Status.Phase == corev1.PodSucceeded {
-			c.t.Fatalf("pod %s ended: %s", name, podState(p))
+			c.t.Fatalf("pod %s ended: %s", name, kubenode.PodState(p))
 		}
-		return podReady(p), podState(p)
+		return kubenode.PodReady(p), kubenode.PodState(p)
 	})
 	return pod
 }
@@ -335,6 +309,48 @@ func (c *cluster) checkLoaded(pod string, m module) {
 	}
 }
 
+// startGateway creates the gateway pod name with module m in its volume,
+// waits until it is Ready and checks (checkLoaded) that it loaded m.
+func (c *cluster) startGateway(name string, m module, o podOpts) {
+	c.t.Helper()
+	c.apply(c.gatewayPod(name, m.image, o))
+	c.waitPodReady(name, 2*time.Minute)
+	c.checkLoaded(name, m)
+}
+
+// editDriverConfig changes the driver's config.yaml in its config map with
+// edit (on the parsed YAML) and puts the original back when the test ends.
+func (c *cluster) editDriverConfig(edit func(cfg map[string]any)) {
+	c.t.Helper()
+	var cm corev1.ConfigMap
+	if err := c.getJSON(&cm, "-n", driverNamespace, "get", "configmap", "wasm-csi-config"); err != nil {
+		c.t.Fatal(err)
+	}
+	orig := cm.Data["config.yaml"]
+	var cfg map[string]any
+	if err := yaml.Unmarshal([]byte(orig), &cfg); err != nil {
+		c.t.Fatalf("the config map's config.yaml: %v", err)
+	}
+	edit(cfg)
+	edited, err := yaml.Marshal(cfg)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	patch := func(data string) error {
+		p, _ := json.Marshal(map[string]any{"data": map[string]string{"config.yaml": data}})
+		_, err := c.run("", "-n", driverNamespace, "patch", "configmap", "wasm-csi-config", "--type=merge", "-p", string(p))
+		return err
+	}
+	if err := patch(string(edited)); err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(func() {
+		if err := patch(orig); err != nil {
+			c.t.Logf("restore the config map: %v", err)
+		}
+	})
+}
+
 // startReport is what the running gateway reports (GET /module, through
 // the apiserver's pod proxy) about the module it loaded at start.
 func (c *cluster) startReport(pod string) (sha string, raw string, err error) {
@@ -373,43 +389,6 @@ func (c *cluster) readNow(pod string) (loaded, error) {
 }
 
 // --- the node ----------------------------------------------------------------------
-
-// mountOf returns the /proc/mounts line of the mount point path, if any.
-func mountOf(path string) (string, bool) {
-	f, err := os.Open("/proc/mounts")
-	if err != nil {
-		return "", false
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64<<10), 1<<20)
-	found := ""
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) > 1 && unescapeMount(fields[1]) == path {
-			found = s.Text() // the last one is on top
-		}
-	}
-	return found, found != ""
-}
-
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
 
 func volumeTarget(podUID string) string {
 	return filepath.Join(kubeletDir, "pods", podUID, "volumes", "kubernetes.io~csi", volumeName, "mount")
@@ -532,7 +511,7 @@ func (c *cluster) diagnose() {
 	var l corev1.PodList
 	if err := c.getJSON(&l, "-n", c.ns, "get", "pods"); err == nil {
 		for i := range l.Items {
-			if !podReady(&l.Items[i]) {
+			if !kubenode.PodReady(&l.Items[i]) {
 				section("kubectl describe pod "+l.Items[i].Name, "-n", c.ns, "describe", "pod", l.Items[i].Name)
 			}
 		}
