@@ -46,6 +46,50 @@ func pushTo(t *testing.T, repoTag string, mod []byte, regs ...*registrytest.Regi
 	return d
 }
 
+// mirrorStep is one publish of a new module through a runtime's mirror
+// configuration, and where its blob must come from.
+type mirrorStep struct {
+	name                   string // in messages
+	mod                    string // module(t, mod): the module, new to the test
+	origin, mirror         string // repo:tag it is pushed as on each, "" for not there
+	image                  string // what the pod asks for
+	byDigest               bool   // image + "@" + the manifest's digest
+	fault                  registrytest.FaultFunc
+	fromMirror, fromOrigin int // blob downloads of the module from each
+}
+
+// runMirrorSteps pushes each step's module, publishes it with the step's
+// fault on the mirror (removed after), checks the mounted file and counts
+// where its blob came from.
+func runMirrorSteps(t *testing.T, e *env, origin, mirror *registrytest.Registry, steps ...mirrorStep) {
+	t.Helper()
+	for _, s := range steps {
+		mod := module(t, s.mod)
+		var d digest.Digest
+		if s.origin != "" {
+			d = pushTo(t, s.origin, mod, origin)
+		}
+		if s.mirror != "" {
+			d = pushTo(t, s.mirror, mod, mirror)
+		}
+		image := s.image
+		if s.byDigest {
+			image += "@" + d.String()
+		}
+		if s.fault != nil {
+			mirror.SetFault(s.fault)
+		}
+		checkFile(t, e.mustPublish(image, nil), "plugin.wasm", mod)
+		if s.fault != nil {
+			mirror.SetFault(nil)
+		}
+		b := digest.FromBytes(mod)
+		if m, o := mirror.BlobGets(b), origin.BlobGets(b); m != s.fromMirror || o != s.fromOrigin {
+			t.Errorf("%s: blob downloads mirror %d origin %d, want %d and %d", s.name, m, o, s.fromMirror, s.fromOrigin)
+		}
+	}
+}
+
 // TestRuntimeHostsTOML: containerd's hosts.toml for the image's registry
 // puts its hosts before the registry, in file order; a mirror that is
 // refused, answers 5xx or 404, or sends bytes that do not match their
@@ -74,25 +118,15 @@ func TestRuntimeHostsTOML(t *testing.T) {
 		}
 	}
 
-	// On both: the mirror serves it.
-	a := module(t, "a")
-	pushTo(t, "ht/a:1", a, origin, mirror)
-	checkFile(t, e.mustPublish(img("ht/a:1"), nil), "plugin.wasm", a)
-	served("A", a, 1, 0)
-
-	// Not on the mirror (404): the registry.
-	b := module(t, "b")
-	pushTo(t, "ht/b:1", b, origin)
-	checkFile(t, e.mustPublish(img("ht/b:1"), nil), "plugin.wasm", b)
-	served("B", b, 0, 1)
-
-	// The mirror answers 503: the registry.
-	c := module(t, "c")
-	pushTo(t, "ht/c:1", c, origin, mirror)
-	mirror.SetFault(func(*http.Request) (int, bool) { return http.StatusServiceUnavailable, true })
-	checkFile(t, e.mustPublish(img("ht/c:1"), nil), "plugin.wasm", c)
-	served("C", c, 0, 1)
-	mirror.SetFault(nil)
+	runMirrorSteps(t, e, origin, mirror,
+		// On both: the mirror serves it.
+		mirrorStep{name: "A", mod: "a", origin: "ht/a:1", mirror: "ht/a:1", image: img("ht/a:1"), fromMirror: 1},
+		// Not on the mirror (404): the registry.
+		mirrorStep{name: "B", mod: "b", origin: "ht/b:1", image: img("ht/b:1"), fromOrigin: 1},
+		// The mirror answers 503: the registry.
+		mirrorStep{name: "C", mod: "c", origin: "ht/c:1", mirror: "ht/c:1", image: img("ht/c:1"), fromOrigin: 1,
+			fault: func(*http.Request) (int, bool) { return http.StatusServiceUnavailable, true }},
+	)
 
 	// The mirror sends a module that does not match its digest: refused,
 	// nothing of it stored, the registry's bytes used.
@@ -125,10 +159,7 @@ func TestRuntimeHostsTOML(t *testing.T) {
 	writeFile(t, hostsFile, fmt.Sprintf("server = \"http://%s\"\n[host.\"http://127.0.0.1:%d\"]\n[host.\"http://%s\"]\ncapabilities = [\"pull\"]\n",
 		origin.ProxyHost(), port, mirror.ProxyHost()))
 	eventually(t, "the changed hosts.toml", func() bool { return countLog(e.d, "containerd hosts.toml loaded") >= 2 })
-	f := module(t, "f")
-	pushTo(t, "ht/f:1", f, origin, mirror)
-	checkFile(t, e.mustPublish(img("ht/f:1"), nil), "plugin.wasm", f)
-	served("F", f, 1, 0)
+	runMirrorSteps(t, e, origin, mirror, mirrorStep{name: "F", mod: "f", origin: "ht/f:1", mirror: "ht/f:1", image: img("ht/f:1"), fromMirror: 1})
 	if n := mirror.Counts().ManifestHeads["ht/f:1"] + mirror.Counts().ManifestGets["ht/f:1"]; n != 0 {
 		t.Errorf("the pull-only mirror was asked for the tag %d times", n)
 	}
@@ -230,48 +261,23 @@ blocked = true
 	// The origin is not named by --insecure-registry: registries.conf's
 	// insecure is what lets it be reached over plain HTTP on loopback.
 	e := newEnvOpts(t, harness.DaemonOptions{Args: []string{"--config=" + cfg}})
-	served := func(name string, mod []byte, fromMirror, fromOrigin int) {
-		t.Helper()
-		d := digest.FromBytes(mod)
-		if mm, oo := mirror.BlobGets(d), origin.BlobGets(d); mm != fromMirror || oo != fromOrigin {
-			t.Errorf("%s: blob downloads mirror %d origin %d, want %d and %d", name, mm, oo, fromMirror, fromOrigin)
-		}
-	}
 
-	// prefix -> location, and the mirror's own path.
-	a := module(t, "a")
-	pushTo(t, "real/a:1", a, origin)
-	pushTo(t, "mirrored/a:1", a, mirror)
-	checkFile(t, e.mustPublish(o+"/team/a:1", nil), "plugin.wasm", a)
-	served("A", a, 1, 0)
-	// The mirror down: the location.
-	b := module(t, "b")
-	pushTo(t, "real/b:1", b, origin)
-	pushTo(t, "mirrored/b:1", b, mirror)
-	mirror.SetFault(func(*http.Request) (int, bool) { return 0, true })
-	checkFile(t, e.mustPublish(o+"/team/b:1", nil), "plugin.wasm", b)
-	served("B", b, 0, 1)
-	mirror.SetFault(nil)
-
-	// digest-only: a tag goes to the registry, a digest to the mirror.
-	c := module(t, "c")
-	pushTo(t, "pinned/c:1", c, origin)
-	pushTo(t, "pinned/c:1", c, mirror)
-	checkFile(t, e.mustPublish(o+"/pinned/c:1", nil), "plugin.wasm", c)
-	served("C by tag", c, 0, 1)
-	d := module(t, "d")
-	pushTo(t, "pinned/d:1", d, origin)
-	dd := pushTo(t, "pinned/d:1", d, mirror)
-	checkFile(t, e.mustPublish(o+"/pinned/d@"+dd.String(), nil), "plugin.wasm", d)
-	served("D by digest", d, 1, 0)
+	runMirrorSteps(t, e, origin, mirror,
+		// prefix -> location, and the mirror's own path.
+		mirrorStep{name: "A", mod: "a", origin: "real/a:1", mirror: "mirrored/a:1", image: o + "/team/a:1", fromMirror: 1},
+		// The mirror down: the location.
+		mirrorStep{name: "B", mod: "b", origin: "real/b:1", mirror: "mirrored/b:1", image: o + "/team/b:1", fromOrigin: 1,
+			fault: func(*http.Request) (int, bool) { return 0, true }},
+		// digest-only: a tag goes to the registry, a digest to the mirror.
+		mirrorStep{name: "C by tag", mod: "c", origin: "pinned/c:1", mirror: "pinned/c:1", image: o + "/pinned/c:1", fromOrigin: 1},
+		mirrorStep{name: "D by digest", mod: "d", origin: "pinned/d:1", mirror: "pinned/d:1", image: o + "/pinned/d", byDigest: true, fromMirror: 1},
+	)
 
 	// Blocked: PermissionDenied, no request made.
 	err := e.publish(e.request(harness.NewPod("blocked"), "wasm", map[string]string{"image": "blocked.example/x:1"}))
 	wantCode(t, err, codes.PermissionDenied, "blocked")
 
 	// A drop-in added live.
-	f := module(t, "f")
-	pushTo(t, "dropin/f:1", f, mirror)
 	writeFile(t, filepath.Join(dir, "registries.conf.d", "50-dropin.conf"), fmt.Sprintf(`
 [[registry]]
 prefix = "%[1]s/dropin"
@@ -282,8 +288,7 @@ location = "%[2]s/dropin"
 insecure = true
 `, o, m))
 	eventually(t, "the drop-in", func() bool { return countLog(e.d, "registries.conf loaded") >= 2 })
-	checkFile(t, e.mustPublish(o+"/dropin/f:1", nil), "plugin.wasm", f)
-	served("F", f, 1, 0)
+	runMirrorSteps(t, e, origin, mirror, mirrorStep{name: "F", mod: "f", mirror: "dropin/f:1", image: o + "/dropin/f:1", fromMirror: 1})
 
 	// A file that does not parse keeps the last good configuration.
 	writeFile(t, conf, "[[registry]\nprefix = \n")
@@ -293,11 +298,7 @@ insecure = true
 	if s := scrape(t, e.d); !strings.Contains(s, `wasmcsi_runtime_config_valid{file="registries.conf"} 0`) {
 		t.Errorf("metrics do not count the bad file:\n%s", grepLines(s, "runtime_config"))
 	}
-	g := module(t, "g")
-	pushTo(t, "real/g:1", g, origin)
-	pushTo(t, "mirrored/g:1", g, mirror)
-	checkFile(t, e.mustPublish(o+"/team/g:1", nil), "plugin.wasm", g)
-	served("G", g, 1, 0)
+	runMirrorSteps(t, e, origin, mirror, mirrorStep{name: "G", mod: "g", origin: "real/g:1", mirror: "mirrored/g:1", image: o + "/team/g:1", fromMirror: 1})
 }
 
 func grepLines(s, sub string) string {
