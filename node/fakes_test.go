@@ -53,6 +53,10 @@ type fakeRegistry struct {
 	pulls   int
 	pulling chan struct{}
 	release chan struct{}
+	// resolveGate, if set, holds every ResolveWith until closed;
+	// resolving counts those held.
+	resolveGate chan struct{}
+	resolving   int
 }
 
 func newFakeRegistry() *fakeRegistry {
@@ -73,6 +77,13 @@ func (r *fakeRegistry) pullCount() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.pulls
+}
+
+// resolvingNow is the number of ResolveWith calls in progress.
+func (r *fakeRegistry) resolvingNow() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.resolving
 }
 
 func (r *fakeRegistry) resolveHosts() []string {
@@ -99,6 +110,14 @@ func (p *fakePuller) Attempts(_ context.Context, ref puller.Reference, keyrings 
 func (p *fakePuller) ResolveWith(_ context.Context, ref puller.Reference, attempts []puller.Credential) (ocispec.Descriptor, puller.Credential, error) {
 	r := p.reg
 	r.mu.Lock()
+	gate := r.resolveGate
+	r.resolving++
+	r.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
+	r.mu.Lock()
+	r.resolving--
 	defer r.mu.Unlock()
 	r.resolves = append(r.resolves, ref.Registry)
 	if r.down[ref.Registry] {

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
+	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
@@ -345,4 +346,43 @@ func TestValidationSlotsFollowThePullsContext(t *testing.T) {
 		t.Fatalf("publish with a slot free: %v", err)
 	}
 	e.published(t, req, img.body)
+}
+
+// TestManifestRequestsBounded: a burst of publishes of distinct images asks
+// the registry for at most pullslots.ResolvesPerSlot manifests per pull
+// slot at once, the rest wait their turn; every publish is then served.
+func TestManifestRequestsBounded(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	bound := e.svc.slots.Limit() * pullslots.ResolvesPerSlot
+	n := bound + 10
+	gate := make(chan struct{})
+	e.reg.mu.Lock()
+	e.reg.resolveGate = gate
+	e.reg.mu.Unlock()
+	reqs := make([]PublishRequest, n)
+	errs := make(chan error, n)
+	for i := range n {
+		e.reg.add(fmt.Sprintf("acme/m%d", i), "")
+		reqs[i] = e.request(t, fmt.Sprintf("vol-%d", i), fmt.Sprintf("reg.example/acme/m%d:1", i), fmt.Sprintf("pod-%d", i), PullAlways)
+		go func() { errs <- e.svc.Publish(context.Background(), reqs[i]) }()
+	}
+	e.events.waitPulling(t, n)
+	deadline := time.Now().Add(10 * time.Second)
+	for e.reg.resolvingNow() < bound && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	// Give the others the time to (wrongly) reach the registry.
+	time.Sleep(100 * time.Millisecond)
+	if got := e.reg.resolvingNow(); got != bound {
+		t.Errorf("%d manifest requests at once for %d publishes, want %d (%d pull slots x %d)", got, n, bound, e.svc.slots.Limit(), pullslots.ResolvesPerSlot)
+	}
+	close(gate)
+	for range n {
+		if err := <-errs; err != nil {
+			t.Errorf("publish: %v", err)
+		}
+	}
+	for i, req := range reqs {
+		e.published(t, req, e.reg.images[fmt.Sprintf("acme/m%d", i)].body)
+	}
 }

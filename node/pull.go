@@ -9,6 +9,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
 	"github.com/wasm-csi/wasm-csi/puller"
@@ -134,11 +135,7 @@ func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec sto
 	acc := accessOf()
 	st := s.cur.Load()
 	pinned := ref.ByDigest(rec.Manifest)
-	attempts, err := st.puller.Attempts(ctx, pinned, acc.keyrings...)
-	if err != nil {
-		return err
-	}
-	if _, _, err := st.puller.ResolveWith(ctx, pinned, attempts); err != nil {
+	if _, _, err := s.resolveAt(ctx, st, pinned, acc); err != nil {
 		if errors.Is(err, errdefs.ErrUnauthorized) {
 			return &errdefs.Error{Kind: errdefs.ErrUnauthorized, Image: ref.Original, Cause: err,
 				Msg: "the module is on this node, pulled with another pod's pull secret, and this pod's credentials do not give access to it; add an imagePullSecret the registry accepts"}
@@ -276,8 +273,16 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) 
 }
 
 // resolveAt asks src which manifest it names, trying the pod's and the
-// node's credentials for src's host.
+// node's credentials for src's host. It holds one of the resolve slots
+// meanwhile: a burst of publishes asks the registry a few manifests at a
+// time rather than all at once.
 func (s *Service) resolveAt(ctx context.Context, st *settings, src puller.Reference, acc access) (ocispec.Descriptor, puller.Credential, error) {
+	release, err := s.slots.Resolve(ctx)
+	if err != nil {
+		return ocispec.Descriptor{}, puller.Credential{}, errdefs.New(errdefs.ErrUnavailable, src.Original, err,
+			"waiting to ask the registry for the manifest (%d requests at a time): the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
+	}
+	defer release()
 	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
 	if err != nil {
 		return ocispec.Descriptor{}, puller.Credential{}, err

@@ -4,9 +4,12 @@
 // distinct modules queues instead of growing the daemon past its limit.
 //
 // It owns the slots (a FIFO semaphore, golang.org/x/sync/semaphore) and the
-// count of downloads running and waiting, per key and in total. It does not
-// decide what is downloaded, join two publishes of one image (the node's
-// singleflight does), or hold any buffer.
+// count of downloads running and waiting, per key and in total, and the
+// resolve slots that bound the manifest requests made on the way to a
+// download (ResolvesPerSlot per download slot, a semaphore of their own: a
+// manifest check never waits behind a download). It does not decide what is
+// downloaded, join two publishes of one image (the node's singleflight
+// does), or hold any buffer.
 package pullslots
 
 import (
@@ -21,6 +24,13 @@ import (
 // does not set limits.maxConcurrentPulls.
 const DefaultLimit = 4
 
+// ResolvesPerSlot is how many manifest requests (a tag's resolution, an
+// access check) may run at once per download slot. Unbounded, a burst of
+// 1,000 publishes made 1,000 registry requests at once, each with its
+// connection, goroutines and response, before any waited for a download
+// slot; a few per slot keep the downloads fed.
+const ResolvesPerSlot = 4
+
 // Slots is a resizable FIFO limit on downloads in flight. The zero value is
 // not usable: use New.
 type Slots struct {
@@ -31,6 +41,10 @@ type Slots struct {
 	waiting map[string]int
 	nRun    int
 	nWait   int
+	// rsem bounds manifest requests; nRes counts those asking or holding
+	// one, so that the slots are not idle while they run.
+	rsem *semaphore.Weighted
+	nRes int
 
 	// gen counts Acquire calls, so an idle timer knows whether the slots
 	// were used since it was set.
@@ -47,6 +61,7 @@ func New(limit int) *Slots {
 		limit = DefaultLimit
 	}
 	return &Slots{sem: semaphore.NewWeighted(int64(limit)), limit: limit,
+		rsem:    semaphore.NewWeighted(int64(limit * ResolvesPerSlot)),
 		running: map[string]int{}, waiting: map[string]int{}}
 }
 
@@ -62,6 +77,7 @@ func (s *Slots) SetLimit(limit int) {
 	defer s.mu.Unlock()
 	if limit != s.limit {
 		s.sem = semaphore.NewWeighted(int64(limit))
+		s.rsem = semaphore.NewWeighted(int64(limit * ResolvesPerSlot))
 		s.limit = limit
 	}
 }
@@ -115,6 +131,39 @@ func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err er
 	}, nil
 }
 
+// Resolve waits for one of the ResolvesPerSlot x limit resolve slots, first
+// come first served, until ctx ends; the returned release (which may be
+// called more than once) gives it back. A resolve slot is held for one
+// manifest request, never while waiting for a download slot.
+func (s *Slots) Resolve(ctx context.Context) (release func(), err error) {
+	s.mu.Lock()
+	sem := s.rsem
+	s.gen++
+	if s.idleTimer != nil {
+		s.idleTimer.Stop()
+		s.idleTimer = nil
+	}
+	s.nRes++
+	s.mu.Unlock()
+	done := func() {
+		s.mu.Lock()
+		s.nRes--
+		s.armIdle()
+		s.mu.Unlock()
+	}
+	if err := sem.Acquire(ctx, 1); err != nil {
+		done()
+		return nil, err
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			sem.Release(1)
+			done()
+		})
+	}, nil
+}
+
 // OnIdle makes fn run, in a goroutine of its own, each time the slots have
 // stayed idle (no download running or waiting) for d after being used: the
 // moment to give a burst's memory back.
@@ -126,7 +175,7 @@ func (s *Slots) OnIdle(d time.Duration, fn func()) {
 
 // armIdle starts the idle timer when the last download is done. s.mu is held.
 func (s *Slots) armIdle() {
-	if s.idleFn == nil || s.nRun > 0 || s.nWait > 0 {
+	if s.idleFn == nil || s.nRun > 0 || s.nWait > 0 || s.nRes > 0 {
 		return
 	}
 	if s.idleTimer != nil {
@@ -135,7 +184,7 @@ func (s *Slots) armIdle() {
 	gen, fn := s.gen, s.idleFn
 	s.idleTimer = time.AfterFunc(s.idleDelay, func() {
 		s.mu.Lock()
-		still := s.gen == gen && s.nRun == 0 && s.nWait == 0
+		still := s.gen == gen && s.nRun == 0 && s.nWait == 0 && s.nRes == 0
 		if still {
 			s.idleTimer = nil
 		}

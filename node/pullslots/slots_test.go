@@ -211,3 +211,71 @@ func TestOnIdle(t *testing.T) {
 	case <-time.After(100 * time.Millisecond):
 	}
 }
+
+// TestResolveSlots: ResolvesPerSlot manifest requests per download slot at
+// once, first come first served, bounded apart from the downloads (a
+// manifest check never waits behind one), resized with the limit, and the
+// slots are not idle while one runs.
+func TestResolveSlots(t *testing.T) {
+	s := New(1)
+	calls := make(chan struct{}, 4)
+	s.OnIdle(20*time.Millisecond, func() { calls <- struct{}{} })
+	// Every download slot taken and one waiting: resolves still run.
+	r := mustAcquire(t, s, "a")
+	waiter := acquireAsync(context.Background(), s, "b")
+	waitCounts(t, s, 1, 1)
+	var held []func()
+	for range ResolvesPerSlot {
+		rel, err := s.Resolve(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, rel)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := s.Resolve(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("resolve past %d per slot: %v; want it to wait until its context ends", ResolvesPerSlot, err)
+	}
+	next := make(chan func(), 1)
+	go func() {
+		rel, err := s.Resolve(context.Background())
+		if err != nil {
+			rel = nil
+		}
+		next <- rel
+	}()
+	held[0]()
+	held[0]() // a second release is a no-op
+	var rel func()
+	select {
+	case rel = <-next:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a released resolve slot was not handed on")
+	}
+	r()
+	(<-waiter)()
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran while manifest requests were running")
+	case <-time.After(100 * time.Millisecond):
+	}
+	rel()
+	for _, h := range held[1:] {
+		h()
+	}
+	select {
+	case <-calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("OnIdle did not run after the last manifest request")
+	}
+	// A larger limit gives more resolve slots.
+	s.SetLimit(2)
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel2()
+	for range 2 * ResolvesPerSlot {
+		if _, err := s.Resolve(ctx2); err != nil {
+			t.Fatalf("with 2 slots, %d resolves: %v", 2*ResolvesPerSlot, err)
+		}
+	}
+}
