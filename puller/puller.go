@@ -360,9 +360,16 @@ func (p *Puller) copyLayer(ctx context.Context, repo *remote.Repository, ref Ref
 	// during a Read.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	ps, progress := sink.Sink.(ProgressSink)
+	if progress {
+		ps.Started(layer)
+	}
 	rc, err := repo.Blobs().Fetch(ctx, layer)
 	if err != nil {
 		return classify(ref, err, "fetching layer "+layer.Digest.String())
+	}
+	if progress {
+		rc = &progressBody{ReadCloser: rc, sink: ps}
 	}
 	// Read the network ahead so the download overlaps hashing and writing.
 	ra := newReadAhead(rc, readAheadChunks, p.cfg.Buffers)
