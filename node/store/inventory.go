@@ -51,6 +51,8 @@ type Inventory struct {
 	// GCNext are the modules a collection under the policy given would
 	// remove now, in the order it would.
 	GCNext []digest.Digest `json:"gcNext"`
+	// Pulls are the downloads in flight.
+	Pulls []PullInFlight `json:"pulls"`
 }
 
 // Inventory lists the store's modules (least recently used first), its
@@ -64,6 +66,9 @@ func (s *Store) Inventory(policy GCPolicy, now time.Time) (Inventory, error) {
 	}
 	sort.Slice(vols, func(i, j int) bool { return vols[i].PublishedAt.Before(vols[j].PublishedAt) })
 	inv.Volumes = vols
+	if inv.Pulls, err = s.Pulls(); err != nil {
+		return inv, err
+	}
 	byModule := map[digest.Digest][]string{}
 	for _, v := range vols {
 		byModule[v.Module] = append(byModule[v.Module], v.VolumeID)

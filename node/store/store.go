@@ -45,6 +45,8 @@ import (
 //	views/<hex>/<key>/<file>  a hard link to the blob (key: a hash of <file>)
 //	ro/<hex>/<key>            that directory as a read-only overlayfs, which pods mount
 //	volumes/<sha256(id)>.json one record per published volume
+//	verify/<hex>.json         what is known of a manifest's signatures
+//	pulls/<temp>.json         a download in flight (pulls.go), removed at its end
 //	format.json               the layout's version (see FormatVersion)
 //
 // Every file is written as a temp file (".tmp-" prefix) in its final
@@ -79,6 +81,11 @@ func Open(root string) (*Store, error) {
 		}
 	}
 	if err := s.removeTemps(); err != nil {
+		return nil, err
+	}
+	// No download is in flight at start: the records of those a crash or a
+	// kill cut are dropped (their temp files went with removeTemps).
+	if err := s.clearPulls(); err != nil {
 		return nil, err
 	}
 	if _, err := os.Stat(s.formatPath()); v < FormatVersion || errors.Is(err, os.ErrNotExist) {
@@ -225,6 +232,9 @@ type BlobWriter struct {
 	bufs        StageBuffers
 	held        int
 	askedSecond bool
+	// announced is the record of the download in flight (Announce), removed
+	// when the writer finishes.
+	announced string
 }
 
 // StageBuffers is where a BlobWriter in direct mode takes its staging
@@ -553,6 +563,7 @@ func (w *BlobWriter) Commit(verify func(path string) error) (digest.Digest, erro
 	w.done = true
 	// flushTail below stops the writer goroutine whatever it returns.
 	defer w.releaseBuffers()
+	w.unannounce()
 	d := w.Digest()
 	tmp := w.f.Name()
 	if err := w.flushTail(); err != nil {
@@ -599,6 +610,7 @@ func (w *BlobWriter) Abort() {
 		return
 	}
 	w.done = true
+	w.unannounce()
 	_ = w.waitDirectWriter()
 	w.releaseBuffers()
 	w.f.Close()
