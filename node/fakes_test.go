@@ -57,6 +57,10 @@ type fakeRegistry struct {
 	// resolving counts those held.
 	resolveGate chan struct{}
 	resolving   int
+	// halfway, if set, receives one value when a download has written
+	// half of its module, which then waits for resume to be closed.
+	halfway chan struct{}
+	resume  chan struct{}
 }
 
 func newFakeRegistry() *fakeRegistry {
@@ -140,7 +144,7 @@ func (p *fakePuller) Pull(ctx context.Context, ref puller.Reference, desc ocispe
 	r.mu.Lock()
 	r.pulls++
 	img, ok := r.images[ref.Repository]
-	pulling, release := r.pulling, r.release
+	pulling, release, halfway, resume := r.pulling, r.release, r.halfway, r.resume
 	r.mu.Unlock()
 	if pulling != nil {
 		pulling <- struct{}{}
@@ -155,8 +159,24 @@ func (p *fakePuller) Pull(ctx context.Context, ref puller.Reference, desc ocispe
 	if !ok || img.manifest != desc.Digest {
 		return puller.Module{}, errdefs.New(errdefs.ErrNotFound, ref.Original, nil, "manifest gone")
 	}
-	if _, err := sink.Write(img.body); err != nil {
-		return puller.Module{}, err
+	// The module is its own layer, read in two halves, as the puller
+	// tells a ProgressSink.
+	ps, _ := sink.(puller.ProgressSink)
+	if ps != nil {
+		ps.Started(ocispec.Descriptor{MediaType: "application/wasm", Digest: digest.FromBytes(img.body), Size: int64(len(img.body))})
+	}
+	half := len(img.body) / 2
+	for i, part := range [][]byte{img.body[:half], img.body[half:]} {
+		if ps != nil {
+			ps.Received(int64(len(part)))
+		}
+		if _, err := sink.Write(part); err != nil {
+			return puller.Module{}, err
+		}
+		if i == 0 && halfway != nil {
+			halfway <- struct{}{}
+			<-resume
+		}
 	}
 	return puller.Module{Manifest: desc.Digest, Size: int64(len(img.body)), Layout: puller.LayoutSolo}, nil
 }
@@ -262,9 +282,15 @@ func secret(t *testing.T, name, registry, user string) *puller.Keyring {
 // countingEvents counts Pulling events, so a test knows how many publishes
 // have reached the pull.
 type countingEvents struct {
-	mu      sync.Mutex
-	pulling int
-	changed chan struct{}
+	mu       sync.Mutex
+	pulling  int
+	progress []progressEvent
+	changed  chan struct{}
+}
+
+type progressEvent struct {
+	pod         string
+	done, total int64
 }
 
 func newCountingEvents() *countingEvents { return &countingEvents{changed: make(chan struct{}, 1000)} }
@@ -279,6 +305,14 @@ func (e *countingEvents) Pulling(PodInfo, string) {
 // WaitingForPullSlot is a Pulling event too: the publish reached the pull.
 func (e *countingEvents) WaitingForPullSlot(p PodInfo, image string, _, _ int) {
 	e.Pulling(p, image)
+}
+
+// PullProgress records each report, by pod name.
+func (e *countingEvents) PullProgress(pod PodInfo, _ string, done, total int64) {
+	e.mu.Lock()
+	e.progress = append(e.progress, progressEvent{pod.Name, done, total})
+	e.mu.Unlock()
+	e.changed <- struct{}{}
 }
 
 func (e *countingEvents) Pulled(PodInfo, string, store.RefRecord, time.Duration) {}

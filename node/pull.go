@@ -102,6 +102,8 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 		}
 	}
 	acc := accessOf()
+	// The pod hears of the pull's progress while it waits on it.
+	done := s.waiting.add(key, req.Pod)
 	if ev := s.cfg.Events; ev != nil {
 		if s.slots.WillWait(key) {
 			running, _ := s.slots.Counts()
@@ -111,6 +113,7 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 		}
 	}
 	rec, cached, leader, err := s.pull(ctx, req.Image, acc)
+	done()
 	if err != nil {
 		return store.RefRecord{}, false, err
 	}
@@ -333,7 +336,9 @@ func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Re
 		return store.RefRecord{}, withImage(err, ref.Original)
 	}
 	defer w.Abort()
-	mod, err := st.puller.Pull(ctx, src, desc, w, used)
+	sink := s.newProgressSink(w, ref, desc)
+	mod, err := st.puller.Pull(ctx, src, desc, sink, used)
+	sink.stop()
 	if err != nil {
 		var ne *errdefs.Error
 		if errors.As(err, &ne) { // the store failed, e.g. a full disk

@@ -31,10 +31,12 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
+	"k8s.io/utils/clock"
 	"oras.land/oras-go/v2/registry/remote"
 
 	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/metrics"
+	"github.com/wasm-csi/wasm-csi/node/progress"
 	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/node/wasmcheck"
@@ -100,6 +102,9 @@ type Credentials interface {
 type Events interface {
 	Pulling(pod PodInfo, image string)
 	WaitingForPullSlot(pod PodInfo, image string, inFlight, slots int)
+	// PullProgress: a long download's bytes so far, of its total
+	// (Config.Progress paces them).
+	PullProgress(pod PodInfo, image string, done, total int64)
 	Pulled(pod PodInfo, image string, rec store.RefRecord, took time.Duration)
 	AlreadyPresent(pod PodInfo, image string, rec store.RefRecord)
 	Failed(pod PodInfo, image string, err error)
@@ -151,6 +156,11 @@ type Config struct {
 	// RuntimeConfigMetrics counts runtime registry files that did not
 	// parse (nil: not counted).
 	RuntimeConfigMetrics *hostsconf.Metrics
+	// Progress says which downloads send PullProgress events and how
+	// often (zero: none).
+	Progress progress.Policy
+	// Clock paces the progress reports (default: the real clock).
+	Clock clock.Clock
 }
 
 // settings are what the config file can change while the daemon runs.
@@ -181,6 +191,7 @@ type Service struct {
 	validate *semaphore.Weighted // validation slots: each validation holds memory
 	damp     *damper
 	slots    *pullslots.Slots
+	waiting  pullWaiters
 
 	cfgStatus configStatus
 
@@ -207,6 +218,9 @@ func NewService(cfg Config, st *store.Store, m Mounter, log *slog.Logger) (*Serv
 	}
 	if cfg.PullSlots == nil {
 		cfg.PullSlots = pullslots.New(pullslots.DefaultLimit)
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.RealClock{}
 	}
 	if cfg.Puller.Buffers == nil {
 		cfg.Puller.Buffers = puller.NewBuffers(puller.BufferSize, puller.DefaultBufferBudget)

@@ -25,6 +25,7 @@ import (
 	// Mozilla's root certificates, used only when the host gives none: the
 	// image is FROM scratch, and registries are HTTPS.
 	_ "golang.org/x/crypto/x509roots/fallback"
+	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/klog/v2"
 
 	"github.com/wasm-csi/wasm-csi/csi"
@@ -33,6 +34,7 @@ import (
 	"github.com/wasm-csi/wasm-csi/node/kube"
 	"github.com/wasm-csi/wasm-csi/node/metrics"
 	"github.com/wasm-csi/wasm-csi/node/mount"
+	"github.com/wasm-csi/wasm-csi/node/progress"
 	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/puller"
@@ -67,6 +69,11 @@ type Config struct {
 	// KubeletCSIEndpoint is the CSI socket's path on the host, as kubelet
 	// must dial it.
 	KubeletCSIEndpoint string
+	// PullProgressSize and PullProgressInterval: a download of at least
+	// PullProgressSize bytes sends progress events, the first after
+	// PullProgressInterval (0: none).
+	PullProgressSize     int64
+	PullProgressInterval time.Duration
 	// CheckFlags parses the flags, reports, and exits.
 	CheckFlags bool
 }
@@ -96,6 +103,10 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.StringVar(&c.LogFormat, "log-format", "json", "json or text")
 	fs.StringVar(&c.RegistrationDir, "kubelet-registration-path", "", "directory (kubelet's plugins_registry) where the driver serves kubelet's plugin-registration API; empty when a node-driver-registrar sidecar registers it")
 	fs.StringVar(&c.KubeletCSIEndpoint, "kubelet-csi-endpoint", "", "the CSI socket's path on the host, as kubelet dials it (required with --kubelet-registration-path)")
+	progressSize := fs.String("pull-progress-size", resource.NewQuantity(progress.DefaultMinSize, resource.BinarySI).String(),
+		"a module download of at least this many bytes (a quantity: 16Mi) sends Pulling events with its progress")
+	fs.DurationVar(&c.PullProgressInterval, "pull-progress-interval", progress.DefaultInterval,
+		"wait before the first progress event of a download and between the next two; later waits double, up to 5m (0: no progress events)")
 	fs.BoolVar(&c.CheckFlags, "check-flags", false, "parse the flags, print them, and exit")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
@@ -105,6 +116,14 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	}
 	if c.NodeID == "" {
 		return Config{}, errors.New("--node-id is required")
+	}
+	q, err := resource.ParseQuantity(*progressSize)
+	if err != nil || q.Sign() < 0 {
+		return Config{}, fmt.Errorf("--pull-progress-size %q is not a size such as 16Mi", *progressSize)
+	}
+	c.PullProgressSize = q.Value()
+	if c.PullProgressInterval < 0 {
+		return Config{}, errors.New("--pull-progress-interval is negative")
 	}
 	if _, err := csi.ParseEndpoint(c.Endpoint); err != nil {
 		return Config{}, err
@@ -243,6 +262,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Credentials:          creds,
 		Events:               events,
 		PullSlots:            slots,
+		Progress:             progress.Policy{MinSize: cfg.PullProgressSize, Interval: cfg.PullProgressInterval},
 	}, st, mount.New(), log)
 	if err != nil {
 		return err

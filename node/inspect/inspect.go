@@ -66,6 +66,16 @@ func table(w io.Writer, inv store.Inventory, now time.Time) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", short(v.VolumeID), pod, v.Image, short(v.Module.String()), v.TargetPath)
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PULL IN FLIGHT\tWRITTEN\tOF\tSTARTED\tLAST WRITE\tMANIFEST")
+	for _, p := range inv.Pulls {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s ago\t%s ago\t%s\n", p.Image, p.Written, p.Total, now.Sub(p.Started).Round(time.Second),
+			now.Sub(p.LastWrite).Round(time.Second), short(p.Manifest.String()))
+	}
 	return tw.Flush()
 }
 

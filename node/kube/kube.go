@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"time"
 
+	units "github.com/docker/go-units"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -215,6 +216,20 @@ func (e *Events) WaitingForPullSlot(pod node.PodInfo, image string, inFlight, sl
 	if e.ok(pod) {
 		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Pulling",
 			"Waiting for a pull slot to pull Wasm module %q: %d of %d pulls in flight (limits.maxConcurrentPulls)", image, inFlight, slots)
+	}
+}
+
+// PullProgress: a long download's bytes so far, of its total (the
+// daemon's --pull-progress-* flags pace them). The reason is kubelet's
+// Pulling: these follow the Pulling event of the same pull.
+func (e *Events) PullProgress(pod node.PodInfo, image string, done, total int64) {
+	if e.ok(pod) {
+		pct := int64(0)
+		if total > 0 {
+			pct = done * 100 / total
+		}
+		e.recorder.Eventf(podRef(pod), corev1.EventTypeNormal, "Pulling", "Pulling Wasm module %q: %s of %s (%d%%)",
+			image, units.BytesSize(float64(done)), units.BytesSize(float64(total)), pct)
 	}
 }
 

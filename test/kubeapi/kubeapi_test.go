@@ -282,6 +282,10 @@ func TestKubernetes(t *testing.T) {
 		}
 	})
 
+	t.Run("a long pull shows its progress in events and inspect", func(t *testing.T) {
+		testPullProgress(t, bin, env, ns)
+	})
+
 	t.Run("events API refused does not fail publishes", func(t *testing.T) {
 		// A driver identity whose role lacks the events rule: publishes
 		// still succeed (events are best effort), proving they never wait on it.

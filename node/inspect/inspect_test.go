@@ -1,0 +1,62 @@
+package inspect
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/wasm-csi/wasm-csi/node/store"
+)
+
+func inventory(now time.Time) store.Inventory {
+	mod := digest.FromString("module")
+	return store.Inventory{Root: "/var/lib/wasm-csi", Format: 1, StoreBytes: 1234,
+		Modules: []store.ModuleInfo{{Digest: mod, Size: 1234, LastUsed: now.Add(-time.Hour),
+			Refs: []store.RefRecord{{Ref: "reg.example/a:1", Manifest: digest.FromString("manifest"), Module: mod}}}},
+		GCNext: []digest.Digest{mod},
+		Pulls: []store.PullInFlight{{PullRecord: store.PullRecord{Image: "reg.example/big:2", Manifest: digest.FromString("big"),
+			Total: 64 << 20, Started: now.Add(-42 * time.Second)}, Written: 12 << 20, LastWrite: now.Add(-time.Second)}},
+	}
+}
+
+func TestTable(t *testing.T) {
+	now := time.Now()
+	var out bytes.Buffer
+	if err := Write(&out, inventory(now), "table", now); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(out.String(), "\n")
+	var pull string
+	for i, l := range lines {
+		if strings.HasPrefix(l, "PULL IN FLIGHT") && i+1 < len(lines) {
+			pull = lines[i+1]
+		}
+	}
+	for _, want := range []string{"reg.example/big:2", "12582912", "67108864", "42s ago", "1s ago"} {
+		if !strings.Contains(pull, want) {
+			t.Errorf("pull line %q lacks %q\n%s", pull, want, out.String())
+		}
+	}
+}
+
+func TestJSON(t *testing.T) {
+	now := time.Now()
+	var out bytes.Buffer
+	if err := Write(&out, inventory(now), "json", now); err != nil {
+		t.Fatal(err)
+	}
+	var back store.Inventory
+	if err := json.Unmarshal(out.Bytes(), &back); err != nil {
+		t.Fatal(err)
+	}
+	if len(back.Pulls) != 1 || back.Pulls[0].Written != 12<<20 || back.Pulls[0].Total != 64<<20 || back.Pulls[0].Image != "reg.example/big:2" {
+		t.Errorf("pulls read back %+v", back.Pulls)
+	}
+	if err := Write(&out, inventory(now), "yaml", now); err == nil {
+		t.Error("-o yaml accepted")
+	}
+}
