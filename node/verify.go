@@ -29,14 +29,9 @@ type verifyRecord struct {
 	Subjects []ocispec.Descriptor `json:"subjects"`
 	// Evidence is every signature collected, nil if never collected.
 	Evidence *verify.Evidence `json:"evidence,omitempty"`
-	// Passed maps a policy fingerprint to the signer that satisfied it.
-	Passed map[string]passed `json:"passed,omitempty"`
-}
-
-type passed struct {
-	Policy string    `json:"policy"`
-	Signer string    `json:"signer"`
-	At     time.Time `json:"at"`
+	// Passed maps a policy fingerprint to the signer that satisfied it
+	// (`inspect` shows them: store.Store.Verification reads this field).
+	Passed map[string]store.PassedPolicy `json:"passed,omitempty"`
 }
 
 func (s *Service) readVerifyRecord(manifest digest.Digest) (verifyRecord, bool) {
@@ -106,9 +101,9 @@ func (s *Service) checkRecord(ctx context.Context, ref puller.Reference, p *veri
 		return res, err
 	}
 	if rec.Passed == nil {
-		rec.Passed = map[string]passed{}
+		rec.Passed = map[string]store.PassedPolicy{}
 	}
-	rec.Passed[p.Fingerprint] = passed{Policy: p.Name, Signer: res.Signer, At: time.Now().UTC()}
+	rec.Passed[p.Fingerprint] = store.PassedPolicy{Policy: p.Name, Signer: res.Signer, At: time.Now().UTC()}
 	return res, nil
 }
 

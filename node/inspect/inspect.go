@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -40,7 +41,7 @@ func table(w io.Writer, inv store.Inventory, now time.Time) error {
 	}
 	fmt.Fprintf(w, "STORE %s (format %d): %d modules, %d bytes; %d volumes\n\n", inv.Root, inv.Format, len(inv.Modules), inv.StoreBytes, len(inv.Volumes))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "MODULE\tSIZE\tLAST USED\tVOLUMES\tGC NEXT\tREFS")
+	fmt.Fprintln(tw, "MODULE\tSIZE\tLAST USED\tVOLUMES\tGC NEXT\tVERIFIED\tREFS")
 	for _, m := range inv.Modules {
 		var refs []string
 		for _, r := range m.Refs {
@@ -50,8 +51,8 @@ func table(w io.Writer, inv store.Inventory, now time.Time) error {
 		if n, ok := gcNext[m.Digest.String()]; ok {
 			next = fmt.Sprint(n)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s ago\t%d\t%s\t%s\n", short(m.Digest.String()), m.Size, now.Sub(m.LastUsed).Round(time.Second),
-			len(m.Volumes), next, strings.Join(refs, ","))
+		fmt.Fprintf(tw, "%s\t%d\t%s ago\t%d\t%s\t%s\t%s\n", short(m.Digest.String()), m.Size, now.Sub(m.LastUsed).Round(time.Second),
+			len(m.Volumes), next, verified(m.Verification), strings.Join(refs, ","))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -77,6 +78,27 @@ func table(w io.Writer, inv store.Inventory, now time.Time) error {
 			now.Sub(p.LastWrite).Round(time.Second), short(p.Manifest.String()))
 	}
 	return tw.Flush()
+}
+
+// verified names the policies a module's manifests passed: "-" when no
+// policy covered it, "no" when one did and it did not pass (served in warn
+// mode). `-o json` has the signers and times.
+func verified(vs []store.VerificationState) string {
+	if len(vs) == 0 {
+		return "-"
+	}
+	var names []string
+	for _, v := range vs {
+		for _, p := range v.Passed {
+			if !slices.Contains(names, p.Policy) {
+				names = append(names, p.Policy)
+			}
+		}
+	}
+	if len(names) == 0 {
+		return "no"
+	}
+	return strings.Join(names, ",")
 }
 
 // short cuts a digest or volume id to a readable prefix, as docker does.

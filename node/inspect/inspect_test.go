@@ -16,7 +16,9 @@ func inventory(now time.Time) store.Inventory {
 	mod := digest.FromString("module")
 	return store.Inventory{Root: "/var/lib/wasm-csi", Format: 1, StoreBytes: 1234,
 		Modules: []store.ModuleInfo{{Digest: mod, Size: 1234, LastUsed: now.Add(-time.Hour),
-			Refs: []store.RefRecord{{Ref: "reg.example/a:1", Manifest: digest.FromString("manifest"), Module: mod}}}},
+			Refs: []store.RefRecord{{Ref: "reg.example/a:1", Manifest: digest.FromString("manifest"), Module: mod}},
+			Verification: []store.VerificationState{{Manifest: digest.FromString("manifest"), SignaturesKept: true,
+				Passed: []store.PassedPolicy{{Policy: "acme-release", Signer: "key acme.pub", At: now.Add(-time.Hour)}}}}}},
 		GCNext: []digest.Digest{mod},
 		Pulls: []store.PullInFlight{{PullRecord: store.PullRecord{Image: "reg.example/big:2", Manifest: digest.FromString("big"),
 			Total: 64 << 20, Started: now.Add(-42 * time.Second)}, Written: 12 << 20, LastWrite: now.Add(-time.Second)}},
@@ -30,11 +32,17 @@ func TestTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(out.String(), "\n")
-	var pull string
+	var pull, module string
 	for i, l := range lines {
 		if strings.HasPrefix(l, "PULL IN FLIGHT") && i+1 < len(lines) {
 			pull = lines[i+1]
 		}
+		if strings.HasPrefix(l, "MODULE") && i+1 < len(lines) {
+			module = lines[i+1]
+		}
+	}
+	if !strings.Contains(module, " acme-release ") {
+		t.Errorf("module line %q does not name the policy it passed", module)
 	}
 	for _, want := range []string{"reg.example/big:2", "12582912", "67108864", "42s ago", "1s ago"} {
 		if !strings.Contains(pull, want) {
@@ -56,7 +64,26 @@ func TestJSON(t *testing.T) {
 	if len(back.Pulls) != 1 || back.Pulls[0].Written != 12<<20 || back.Pulls[0].Total != 64<<20 || back.Pulls[0].Image != "reg.example/big:2" {
 		t.Errorf("pulls read back %+v", back.Pulls)
 	}
+	if v := back.Modules[0].Verification; len(v) != 1 || len(v[0].Passed) != 1 || v[0].Passed[0].Signer != "key acme.pub" {
+		t.Errorf("verification read back %+v", v)
+	}
 	if err := Write(&out, inventory(now), "yaml", now); err == nil {
 		t.Error("-o yaml accepted")
+	}
+}
+
+func TestVerified(t *testing.T) {
+	m := digest.FromString("m")
+	for _, c := range []struct {
+		vs   []store.VerificationState
+		want string
+	}{
+		{nil, "-"},
+		{[]store.VerificationState{{Manifest: m, Passed: []store.PassedPolicy{}}}, "no"},
+		{[]store.VerificationState{{Manifest: m, Passed: []store.PassedPolicy{{Policy: "b"}, {Policy: "a"}, {Policy: "b"}}}}, "b,a"},
+	} {
+		if got := verified(c.vs); got != c.want {
+			t.Errorf("verified(%+v) = %q, want %q", c.vs, got, c.want)
+		}
 	}
 }

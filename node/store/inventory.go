@@ -39,6 +39,9 @@ type ModuleInfo struct {
 	Refs []RefRecord `json:"refs"`
 	// Volumes are the IDs of the published volumes that use it.
 	Volumes []string `json:"volumes"`
+	// Verification is what is recorded of the signatures of each manifest
+	// its refs name (none: no policy covered it when pulled or used).
+	Verification []VerificationState `json:"verification"`
 }
 
 // Inventory is what the store holds, read from disk.
@@ -84,8 +87,18 @@ func (s *Store) Inventory(policy GCPolicy, now time.Time) (Inventory, error) {
 	sort.Slice(mods, func(i, j int) bool { return mods[i].lastUsed.Before(mods[j].lastUsed) })
 	for _, m := range mods {
 		inv.StoreBytes += m.size
-		inv.Modules = append(inv.Modules, ModuleInfo{Digest: m.digest, Size: m.size, LastUsed: m.lastUsed,
-			Refs: refs[m.digest], Volumes: byModule[m.digest]})
+		mi := ModuleInfo{Digest: m.digest, Size: m.size, LastUsed: m.lastUsed, Refs: refs[m.digest], Volumes: byModule[m.digest]}
+		seen := map[digest.Digest]bool{}
+		for _, r := range mi.Refs {
+			if seen[r.Manifest] {
+				continue
+			}
+			seen[r.Manifest] = true
+			if v, ok := s.Verification(r.Manifest); ok {
+				mi.Verification = append(mi.Verification, v)
+			}
+		}
+		inv.Modules = append(inv.Modules, mi)
 	}
 	if _, err := s.sweep(policy, now, func(m storedModule, _ time.Duration, _ string) (bool, error) {
 		if len(byModule[m.digest]) > 0 {

@@ -26,6 +26,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -754,6 +755,50 @@ func (s *Store) verifyDir() string { return filepath.Join(s.root, "verify") }
 
 func (s *Store) verifyPath(manifest digest.Digest) string {
 	return filepath.Join(s.verifyDir(), manifest.Encoded()+".json")
+}
+
+// PassedPolicy is a signature policy a manifest passed, as node/verify.go
+// records it in the manifest's verification record (under the "passed"
+// key, a map by policy fingerprint).
+type PassedPolicy struct {
+	Policy string    `json:"policy"`
+	Signer string    `json:"signer"`
+	At     time.Time `json:"at"`
+	// Fingerprint is the map's key, filled in by Verification.
+	Fingerprint string `json:"fingerprint,omitempty"`
+}
+
+// VerificationState is what is recorded of a manifest's signatures.
+type VerificationState struct {
+	Manifest digest.Digest `json:"manifest"`
+	// Passed are the policies it passed, most recent first. A policy
+	// changed since (keys, identities, images) has a new fingerprint and
+	// is checked again, offline, before the next pod gets the module.
+	Passed []PassedPolicy `json:"passed"`
+	// SignaturesKept: the signatures read from the registry are on disk,
+	// for those re-checks.
+	SignaturesKept bool `json:"signaturesKept"`
+}
+
+// Verification reads what is recorded of manifest's signatures; ok is
+// false when nothing is (no policy covered it when it was pulled or used).
+func (s *Store) Verification(manifest digest.Digest) (VerificationState, bool) {
+	var rec struct {
+		Manifest digest.Digest           `json:"manifest"`
+		Evidence json.RawMessage         `json:"evidence"`
+		Passed   map[string]PassedPolicy `json:"passed"`
+	}
+	if !s.GetVerification(manifest, &rec) || rec.Manifest != manifest {
+		return VerificationState{}, false
+	}
+	v := VerificationState{Manifest: manifest, Passed: []PassedPolicy{},
+		SignaturesKept: len(rec.Evidence) > 0 && string(rec.Evidence) != "null"}
+	for fp, p := range rec.Passed {
+		p.Fingerprint = fp
+		v.Passed = append(v.Passed, p)
+	}
+	sort.Slice(v.Passed, func(i, j int) bool { return v.Passed[i].At.After(v.Passed[j].At) })
+	return v, true
 }
 
 // GetVerification reads the verification record of manifest into v.

@@ -1,14 +1,17 @@
 package integration
 
 import (
+	"encoding/json"
 	"fmt"
-	"github.com/opencontainers/go-digest"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc/codes"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
 	"github.com/wasm-csi/wasm-csi/test/lib/signtest"
@@ -61,6 +64,11 @@ func TestVerification(t *testing.T) {
 	// Signed: served.
 	running := e.mustPublish(image(repo+"/signed:1"), nil)
 	checkFile(t, running, "plugin.wasm", signedMod)
+	// inspect, beside the daemon, shows the policy it passed.
+	if v := inspectVerification(t, e.d, image(repo+"/signed:1")); len(v) != 1 || len(v[0].Passed) != 1 ||
+		v[0].Passed[0].Policy != "acme-release" || v[0].Manifest != signed.Digest || !v[0].SignaturesKept {
+		t.Errorf("inspect shows the signed module's verification as %+v", v)
+	}
 
 	// Unsigned: refused, naming the image, digest and policy; not stored.
 	before := e.storedBlobs()
@@ -123,4 +131,28 @@ func TestVerification(t *testing.T) {
 	})
 	// And the first policy still serves its signed module.
 	e.mustPublish(image(repo+"/signed:1"), nil)
+}
+
+// inspectVerification runs `wasm-csi-driver inspect -o json` on the
+// daemon's store and returns the verification state of the module ref
+// names.
+func inspectVerification(t *testing.T, d *harness.Daemon, ref string) []store.VerificationState {
+	t.Helper()
+	out, err := exec.Command(d.Bin, "inspect", "--root-dir="+d.Root, "--config="+filepath.Join(d.Root, "none.yaml"), "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("inspect: %v", err)
+	}
+	var inv store.Inventory
+	if err := json.Unmarshal(out, &inv); err != nil {
+		t.Fatalf("inspect -o json: %v\n%s", err, out)
+	}
+	for _, m := range inv.Modules {
+		for _, r := range m.Refs {
+			if r.Ref == ref {
+				return m.Verification
+			}
+		}
+	}
+	t.Fatalf("inspect lists no module for %s:\n%s", ref, out)
+	return nil
 }
