@@ -42,6 +42,9 @@ import (
 	"github.com/sigstore/sigstore-go/pkg/tlog"
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 	"google.golang.org/protobuf/encoding/protojson"
+	"oras.land/oras-go/v2"
+	"oras.land/oras-go/v2/content"
+	"oras.land/oras-go/v2/registry/remote"
 
 	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
@@ -336,8 +339,7 @@ func PushCosignSignature(t testing.TB, repo string, d digest.Digest, layers []Co
 	for _, l := range layers {
 		blobs = append(blobs, registrytest.Blob{MediaType: "application/vnd.dev.cosign.simplesigning.v1+json", Data: l.Payload, Annotations: l.Annotations})
 	}
-	tag := d.Algorithm().String() + "-" + d.Encoded() + ".sig"
-	if _, err := registrytest.PushArtifact(context.Background(), repo+":"+tag, registrytest.Artifact{Layers: blobs}); err != nil {
+	if _, err := registrytest.PushArtifact(context.Background(), repo+":"+sigTag(d), registrytest.Artifact{Layers: blobs}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -346,19 +348,9 @@ func PushCosignSignature(t testing.TB, repo string, d digest.Digest, layers []Co
 // of to: a signature copied from another image.
 func CopyCosignSignature(t testing.TB, repo string, from, to digest.Digest) {
 	t.Helper()
-	ctx := context.Background()
-	r, err := registrytest.Repository(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	desc, rc, err := r.Manifests().FetchReference(ctx, from.Algorithm().String()+"-"+from.Encoded()+".sig")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var buf bytes.Buffer
-	_, _ = buf.ReadFrom(rc)
-	rc.Close()
-	if err := r.Manifests().PushReference(ctx, desc, bytes.NewReader(buf.Bytes()), to.Algorithm().String()+"-"+to.Encoded()+".sig"); err != nil {
+	r := repository(t, repo)
+	desc, b, _ := fetchManifest(t, r, sigTag(from))
+	if err := r.Manifests().PushReference(context.Background(), desc, bytes.NewReader(b), sigTag(to)); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -367,33 +359,51 @@ func CopyCosignSignature(t testing.TB, repo string, from, to digest.Digest) {
 // included, to be changed and pushed again.
 func ReadCosignSignature(t testing.TB, repo string, d digest.Digest) []CosignLayer {
 	t.Helper()
-	ctx := context.Background()
+	r := repository(t, repo)
+	_, _, m := fetchManifest(t, r, sigTag(d))
+	var out []CosignLayer
+	for _, l := range m.Layers {
+		out = append(out, CosignLayer{Payload: fetchBlob(t, r, l), Annotations: l.Annotations})
+	}
+	return out
+}
+
+// sigTag is the tag cosign keeps d's signatures under: "sha256-<hex>.sig".
+func sigTag(d digest.Digest) string { return d.Algorithm().String() + "-" + d.Encoded() + ".sig" }
+
+func repository(t testing.TB, repo string) *remote.Repository {
+	t.Helper()
 	r, err := registrytest.Repository(repo)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, rc, err := r.Manifests().FetchReference(ctx, d.Algorithm().String()+"-"+d.Encoded()+".sig")
+	return r
+}
+
+// fetchManifest returns the image manifest at reference (a tag or a
+// digest) in r: its descriptor, its bytes (checked against the
+// descriptor) and what they say.
+func fetchManifest(t testing.TB, r *remote.Repository, reference string) (ocispec.Descriptor, []byte, ocispec.Manifest) {
+	t.Helper()
+	desc, b, err := oras.FetchBytes(context.Background(), r.Manifests(), reference, oras.DefaultFetchBytesOptions)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var m ocispec.Manifest
-	err = json.NewDecoder(rc).Decode(&m)
-	rc.Close()
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatalf("manifest %s: %v", reference, err)
+	}
+	return desc, b, m
+}
+
+// fetchBlob returns the blob desc of r, checked against desc.
+func fetchBlob(t testing.TB, r *remote.Repository, desc ocispec.Descriptor) []byte {
+	t.Helper()
+	b, err := content.FetchAll(context.Background(), r.Blobs(), desc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []CosignLayer
-	for _, l := range m.Layers {
-		brc, err := r.Blobs().Fetch(ctx, l)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var b bytes.Buffer
-		_, _ = b.ReadFrom(brc)
-		brc.Close()
-		out = append(out, CosignLayer{Payload: b.Bytes(), Annotations: l.Annotations})
-	}
-	return out
+	return b
 }
 
 // Referrers returns the referrers of d (through the referrers tag on a
@@ -420,29 +430,9 @@ func Referrers(t testing.TB, repo string, d digest.Digest) []ocispec.Descriptor 
 // another image) a referrer of d too: same layer, subject d.
 func AttachCopy(t testing.TB, repo string, ref ocispec.Descriptor, d digest.Digest) {
 	t.Helper()
-	ctx := context.Background()
-	r, err := registrytest.Repository(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc, err := r.Manifests().Fetch(ctx, ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m ocispec.Manifest
-	err = json.NewDecoder(rc).Decode(&m)
-	rc.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	lrc, err := r.Blobs().Fetch(ctx, m.Layers[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	var b bytes.Buffer
-	_, _ = b.ReadFrom(lrc)
-	lrc.Close()
-	pushReferrer(t, repo, d, m.ArtifactType, registrytest.Blob{MediaType: m.Layers[0].MediaType, Data: b.Bytes()})
+	r := repository(t, repo)
+	_, _, m := fetchManifest(t, r, ref.Digest.String())
+	pushReferrer(t, repo, d, m.ArtifactType, registrytest.Blob{MediaType: m.Layers[0].MediaType, Data: fetchBlob(t, r, m.Layers[0])})
 }
 
 // JunkReferrers writes the referrers tag of d as an index of n junk
