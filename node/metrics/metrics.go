@@ -38,54 +38,57 @@ type Metrics struct {
 func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 	m := &Metrics{
 		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "wasmcsi", Name: "pulls_total",
+			Namespace: namespace, Name: "pulls_total",
 			Help: "Module pulls from a registry, by result.",
 		}, []string{"result"}),
 		cache: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "wasmcsi", Name: "cache_lookups_total",
+			Namespace: namespace, Name: "cache_lookups_total",
 			Help: "Publishes that found their module on the node (hit) or had to pull it (miss).",
 		}, []string{"result"}),
 		downloaded: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "wasmcsi", Name: "downloaded_bytes_total",
+			Namespace: namespace, Name: "downloaded_bytes_total",
 			Help: "Bytes of modules downloaded and stored.",
 		}),
 		pullDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Namespace: "wasmcsi", Name: "pull_duration_seconds",
+			Namespace: namespace, Name: "pull_duration_seconds",
 			Help:    "Time to resolve, download, verify and store a module.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 10),
 		}),
 		publishLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: "wasmcsi", Name: "publish_duration_seconds",
+			Namespace: namespace, Name: "publish_duration_seconds",
 			Help:    "NodePublishVolume duration, by result.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 3, 12),
 		}, []string{"result"}),
 		verifications: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "wasmcsi", Name: "verifications_total",
+			Namespace: namespace, Name: "verifications_total",
 			Help: "Signature checks of modules, by result: verified, refused, warned (served in warn mode), unavailable (the registry could not be asked).",
 		}, []string{"result"}),
 		storeMax: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: "wasmcsi", Name: "store_max_bytes",
+			Namespace: namespace, Name: "store_max_bytes",
 			Help: "limits.maxStoreSize in bytes (0: no cap), for the store's use of its cap.",
 		}),
 		config: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Namespace: "wasmcsi", Name: "config_state",
+			Namespace: namespace, Name: "config_state",
 			Help: "1 for the config file's state: ok (in force), last_good (refused; the last good config stays), refused (refused at start: nothing is served).",
 		}, []string{"state"}),
 	}
 	m.ConfigState(ConfigOK)
 	// Every label value exported from the start, at zero: a rate() or an
 	// alert on a failure the node has not had yet then sees a 0, not nothing.
-	for _, r := range pullResults {
-		m.pulls.WithLabelValues(r)
-	}
-	for _, r := range VerificationResults {
-		m.verifications.WithLabelValues(r)
-	}
-	for _, r := range []string{"hit", "miss"} {
-		m.cache.WithLabelValues(r)
-	}
-	for _, r := range []string{"success", "error"} {
-		m.publishLatency.WithLabelValues(r)
+	for _, l := range []struct {
+		vec    *prometheus.MetricVec
+		values []string
+	}{
+		{m.pulls.MetricVec, pullResults},
+		{m.verifications.MetricVec, VerificationResults},
+		{m.cache.MetricVec, cacheResults},
+		{m.publishLatency.MetricVec, publishResults},
+	} {
+		for _, v := range l.values {
+			if _, err := l.vec.GetMetricWithLabelValues(v); err != nil {
+				return nil, err
+			}
+		}
 	}
 	cs := []prometheus.Collector{m.pulls, m.cache, m.downloaded, m.pullDuration, m.publishLatency, m.storeMax, m.config, m.verifications, newStoreCollector(st)}
 	for _, c := range cs {
@@ -96,8 +99,22 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 	return m, nil
 }
 
+// namespace prefixes every metric name.
+const namespace = "wasmcsi"
+
 // pullResults are the values PullResult returns.
 var pullResults = []string{"success", "not_found", "unauthorized", "unavailable", "invalid_image", "not_verified", "no_space", "error"}
+
+// The result label's values of cache_lookups_total and publish_duration_seconds.
+const (
+	cacheHit, cacheMiss          = "hit", "miss"
+	publishSuccess, publishError = "success", "error"
+)
+
+var (
+	cacheResults   = []string{cacheHit, cacheMiss}
+	publishResults = []string{publishSuccess, publishError}
+)
 
 // VerificationResults are the values of verifications_total's result.
 var VerificationResults = []string{"verified", "refused", "warned", "unavailable"}
@@ -184,9 +201,9 @@ func (m *Metrics) CacheLookup(hit bool) {
 		return
 	}
 	if hit {
-		m.cache.WithLabelValues("hit").Inc()
+		m.cache.WithLabelValues(cacheHit).Inc()
 	} else {
-		m.cache.WithLabelValues("miss").Inc()
+		m.cache.WithLabelValues(cacheMiss).Inc()
 	}
 }
 
@@ -195,9 +212,9 @@ func (m *Metrics) Published(err error, d time.Duration) {
 	if m == nil {
 		return
 	}
-	result := "success"
+	result := publishSuccess
 	if err != nil {
-		result = "error"
+		result = publishError
 	}
 	m.publishLatency.WithLabelValues(result).Observe(d.Seconds())
 }
@@ -212,9 +229,9 @@ type storeCollector struct {
 func newStoreCollector(st *store.Store) *storeCollector {
 	return &storeCollector{
 		store:   st,
-		modules: prometheus.NewDesc("wasmcsi_store_modules", "Modules in the node's store.", nil, nil),
-		bytes:   prometheus.NewDesc("wasmcsi_store_bytes", "Bytes of modules in the node's store.", nil, nil),
-		volumes: prometheus.NewDesc("wasmcsi_volumes_published", "Volumes published on this node.", nil, nil),
+		modules: prometheus.NewDesc(namespace+"_store_modules", "Modules in the node's store.", nil, nil),
+		bytes:   prometheus.NewDesc(namespace+"_store_bytes", "Bytes of modules in the node's store.", nil, nil),
+		volumes: prometheus.NewDesc(namespace+"_volumes_published", "Volumes published on this node.", nil, nil),
 	}
 }
 
