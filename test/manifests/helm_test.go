@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -29,6 +30,8 @@ import (
 )
 
 const chartDir = "manifests/charts/wasm-csi"
+
+var blankLines = regexp.MustCompile(`\n{2,}`)
 
 // helmLabels are the labels Helm's conventions add (the chart's
 // wasm-csi.helmLabels): the one difference the chart may have.
@@ -123,6 +126,23 @@ func normalized(t *testing.T, d doc, dropHelm bool) map[string]any {
 			return fmt.Sprint(pi["containerPort"]) < fmt.Sprint(pj["containerPort"])
 		})
 	})
+	// kustomize re-emits a folded (>-) scalar with a more-indented line
+	// with one more line break before it than the YAML it read: a CEL
+	// expression's text then differs by a blank line between tokens, which
+	// CEL ignores. Line breaks are compared as one.
+	if d.kind() == "ValidatingAdmissionPolicy" {
+		spec := mapAt(obj, "spec")
+		for _, key := range []string{"matchConditions", "variables", "validations"} {
+			for _, item := range asList(spec[key]) {
+				m, _ := item.(map[string]any)
+				for _, f := range []string{"expression", "messageExpression"} {
+					if e, ok := m[f].(string); ok {
+						m[f] = blankLines.ReplaceAllString(e, "\n")
+					}
+				}
+			}
+		}
+	}
 	if d.kind() == "ConfigMap" && d.name() == "wasm-csi-config" {
 		data := mapAt(obj, "data")
 		var cfg any
@@ -173,6 +193,42 @@ func TestHelmChartSidecarsIsTheSidecarsOverlay(t *testing.T) {
 		"sidecars.enabled=true vs kubectl kustomize "+sidecarsDir)
 }
 
+func TestHelmChartAdmissionPolicyIsTheAllowedImagesOverlay(t *testing.T) {
+	compareInstalls(t, renderChart(t, "--set", "admissionPolicy.enabled=true", "--set", "admissionPolicy.patterns={ghcr.io/acme}"),
+		build(t, allowedImagesOverlay), "admissionPolicy.enabled=true vs kubectl kustomize "+allowedImagesOverlay)
+}
+
+// The policy's list is the driver's registries.allowed unless set apart,
+// names the chart's driver, and a release without a list is refused.
+func TestHelmChartAdmissionPolicyValues(t *testing.T) {
+	docs := renderChart(t, "--set", "admissionPolicy.enabled=true", "--set", "driverName=wasm.example.com",
+		"--set", "config.registries.allowed={ghcr.io/acme,registry.local:5000}")
+	var policy map[string]any
+	for _, d := range docs {
+		if d.kind() == "ValidatingAdmissionPolicy" {
+			policy = normalized(t, d, true)
+		}
+	}
+	if policy == nil {
+		t.Fatal("no ValidatingAdmissionPolicy rendered")
+	}
+	vars := asList(mapAt(policy, "spec")["variables"])
+	first, _ := vars[0].(map[string]any)
+	if first["name"] != "patterns" || first["expression"] != "['ghcr.io/acme', 'registry.local:5000']" {
+		t.Errorf("patterns variable %v, want config.registries.allowed as a CEL list", first)
+	}
+	b, _ := json.Marshal(policy)
+	if strings.Contains(string(b), "'wasm.csi.dev'") || !strings.Contains(string(b), "'wasm.example.com'") {
+		t.Errorf("the policy does not match volumes of driver wasm.example.com only")
+	}
+	if out, err := helm(t, "template", "wasm-csi", chartDir, "--set", "admissionPolicy.enabled=true"); err == nil {
+		t.Errorf("admissionPolicy.enabled without a list rendered:\n%s", out)
+	}
+	if out, err := helm(t, "template", "wasm-csi", chartDir, "--set", "admissionPolicy.enabled=true", "--set", "admissionPolicy.patterns={x'y}"); err == nil {
+		t.Errorf("a pattern with a quote rendered:\n%s", out)
+	}
+}
+
 func TestHelmLint(t *testing.T) {
 	out, err := helm(t, "lint", "--strict", chartDir)
 	if err != nil {
@@ -216,6 +272,7 @@ config:
   registries:
     insecure: [registry.local:5000]
     mirrors: {ghcr.io: [mirror.internal:5000]}
+    allowed: [ghcr.io/acme, registry.local:5000]
   limits: {maxStoreSize: 4Gi}
   prePull: [{image: ghcr.io/acme/filters/header:1.2.0}]
 metrics:
@@ -227,6 +284,7 @@ extraHostMounts:
 - {name: containerd-certs, hostPath: /etc/containerd/certs.d, mountPath: /host/etc/containerd/certs.d, type: DirectoryOrCreate}
 - {name: scratch, hostPath: /var/tmp/wasm-csi, readOnly: false}
 extraArgs: [--log-level=debug]
+admissionPolicy: {enabled: true}
 `
 
 // The values reach the objects, and what they render is still an install

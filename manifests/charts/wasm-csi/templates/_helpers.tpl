@@ -41,3 +41,23 @@ app.kubernetes.io/component: node
 {{- define "wasm-csi.metricsAddress" -}}
 {{ .Values.metrics.host }}:{{ .Values.metrics.port }}
 {{- end }}
+
+{{/*
+The ValidatingAdmissionPolicy's list as a CEL list literal: the values'
+admissionPolicy.patterns, else the driver's own config.registries.allowed,
+so that the two lists are one unless set apart.
+*/}}
+{{- define "wasm-csi.admissionPatterns" -}}
+{{- $patterns := .Values.admissionPolicy.patterns | default ((.Values.config.registries | default dict).allowed) | default list -}}
+{{- if not $patterns -}}
+{{- fail "admissionPolicy.enabled needs the images pods may name: set admissionPolicy.patterns or config.registries.allowed" -}}
+{{- end -}}
+{{- $quoted := list -}}
+{{- range $patterns -}}
+{{- if or (contains "'" .) (contains "\\" .) -}}
+{{- fail (printf "admissionPolicy: pattern %q is not HOST[:PORT][/PATH]" .) -}}
+{{- end -}}
+{{- $quoted = append $quoted (printf "'%s'" .) -}}
+{{- end -}}
+[{{ join ", " $quoted }}]
+{{- end }}
