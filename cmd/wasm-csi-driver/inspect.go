@@ -43,7 +43,7 @@ func parseInspectFlags(args []string, out io.Writer) (InspectConfig, error) {
 
 // runInspect wires the read-only store, the config's GC policy and the
 // renderer.
-func runInspect(c InspectConfig, out io.Writer) error {
+func runInspect(c InspectConfig, out, errOut io.Writer) error {
 	var fc config.FileConfig
 	if data, err := os.ReadFile(c.ConfigFile); err == nil {
 		if fc, err = config.ParseFileConfig(data); err != nil {
@@ -60,10 +60,18 @@ func runInspect(c InspectConfig, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// The verification policies read key files: one that cannot be read
+	// leaves the table with what is recorded, not the whole inspect.
+	var opts inspect.Options
+	if ps, err := fc.VerificationPolicies(); err != nil {
+		fmt.Fprintf(errOut, "wasm-csi-driver inspect: --config %s: verification policies not read (%v); VERIFIED shows the recorded passes only\n", c.ConfigFile, err)
+	} else if !ps.Empty() {
+		opts.Policies = ps
+	}
 	now := time.Now()
 	inv, err := st.Inventory(policy, now)
 	if err != nil {
 		return err
 	}
-	return inspect.Write(out, inv, c.Output, now)
+	return inspect.Write(out, inv, c.Output, now, opts)
 }

@@ -164,7 +164,7 @@ func main() {
 			os.Exit(0)
 		}
 		if err == nil {
-			err = runInspect(ic, os.Stdout)
+			err = runInspect(ic, os.Stdout, os.Stderr)
 		}
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "wasm-csi-driver inspect:", err)

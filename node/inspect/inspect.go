@@ -2,7 +2,8 @@
 // `wasm-csi-driver inspect`: a table for a person, JSON for a script.
 //
 // It owns: the output formats. It must not: read the store itself (the
-// inventory comes from package store) or change anything.
+// inventory comes from package store) or change anything. The config's
+// verification policies, when given, are only matched against, offline.
 package inspect
 
 import (
@@ -15,26 +16,36 @@ import (
 	"time"
 
 	"github.com/wasm-csi/wasm-csi/node/store"
+	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
 
 // Formats are the values of -o.
 var Formats = []string{"table", "json"}
 
+// Options are what the table may add to the inventory.
+type Options struct {
+	// Policies, when set, are the config file's verification policies:
+	// the table says, for each module, whether it passed the policy its
+	// image matches now, or will be checked again before a pod gets it.
+	Policies *verify.Policies
+}
+
 // Write renders inv as format ("table" or "json"), with times in the
 // table relative to now.
-func Write(w io.Writer, inv store.Inventory, format string, now time.Time) error {
+func Write(w io.Writer, inv store.Inventory, format string, now time.Time, opts Options) error {
 	switch format {
 	case "json":
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		return enc.Encode(inv)
 	case "table", "":
-		return table(w, inv, now)
+		return table(w, inv, now, opts)
 	}
 	return fmt.Errorf("output format %q is not one of %s", format, strings.Join(Formats, ", "))
 }
 
-func table(w io.Writer, inv store.Inventory, now time.Time) error {
+func table(w io.Writer, inv store.Inventory, now time.Time, opts Options) error {
 	gcNext := map[string]int{}
 	for i, d := range inv.GCNext {
 		gcNext[d.String()] = i + 1
@@ -52,7 +63,7 @@ func table(w io.Writer, inv store.Inventory, now time.Time) error {
 			next = fmt.Sprint(n)
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s ago\t%d\t%s\t%s\t%s\n", short(m.Digest.String()), m.Size, now.Sub(m.LastUsed).Round(time.Second),
-			len(m.Volumes), next, verified(m.Verification), strings.Join(refs, ","))
+			len(m.Volumes), next, verified(m, opts.Policies), strings.Join(refs, ","))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -80,10 +91,20 @@ func table(w io.Writer, inv store.Inventory, now time.Time) error {
 	return tw.Flush()
 }
 
-// verified names the policies a module's manifests passed: "-" when no
-// policy covered it, "no" when one did and it did not pass (served in warn
-// mode). `-o json` has the signers and times.
-func verified(vs []store.VerificationState) string {
+// verified says how a module stands with signature policies. Without the
+// config's policies: the policies its manifests passed, "-" when none
+// covered it, "no" when one did and it did not pass (served in warn mode).
+// With them, for each of its refs: the name of the policy its image matches
+// now if it passed that policy as it is now, "NAME (re-check)" if it passed
+// only an earlier version of it or another policy (checked again, offline,
+// before the next pod gets it), "NAME (no)" if it did not pass, "denied"
+// when no policy matches and unmatched is deny, "-" when none matches.
+// `-o json` has the recorded signers and times.
+func verified(m store.ModuleInfo, ps *verify.Policies) string {
+	if ps != nil {
+		return againstPolicies(m, ps)
+	}
+	vs := m.Verification
 	if len(vs) == 0 {
 		return "-"
 	}
@@ -99,6 +120,48 @@ func verified(vs []store.VerificationState) string {
 		return "no"
 	}
 	return strings.Join(names, ",")
+}
+
+func againstPolicies(m store.ModuleInfo, ps *verify.Policies) string {
+	var out []string
+	add := func(s string) {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	for _, r := range m.Refs {
+		ref, err := puller.ParseReference(r.Ref)
+		if err != nil {
+			continue
+		}
+		p := ps.Match(ref.Registry, ref.Repository)
+		switch {
+		case p == nil && ps.DenyUnmatched:
+			add("denied")
+			continue
+		case p == nil:
+			add("-")
+			continue
+		}
+		status := p.Name + " (no)"
+		for _, v := range m.Verification {
+			if v.Manifest != r.Manifest {
+				continue
+			}
+			for _, pp := range v.Passed {
+				if pp.Fingerprint == p.Fingerprint {
+					status = p.Name
+					break
+				}
+				status = p.Name + " (re-check)"
+			}
+		}
+		add(status)
+	}
+	if len(out) == 0 {
+		return "-"
+	}
+	return strings.Join(out, ",")
 }
 
 // short cuts a digest or volume id to a readable prefix, as docker does.

@@ -2,14 +2,21 @@ package inspect
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/store"
+	"github.com/wasm-csi/wasm-csi/puller/verify"
 )
 
 func inventory(now time.Time) store.Inventory {
@@ -28,7 +35,7 @@ func inventory(now time.Time) store.Inventory {
 func TestTable(t *testing.T) {
 	now := time.Now()
 	var out bytes.Buffer
-	if err := Write(&out, inventory(now), "table", now); err != nil {
+	if err := Write(&out, inventory(now), "table", now, Options{}); err != nil {
 		t.Fatal(err)
 	}
 	lines := strings.Split(out.String(), "\n")
@@ -54,7 +61,7 @@ func TestTable(t *testing.T) {
 func TestJSON(t *testing.T) {
 	now := time.Now()
 	var out bytes.Buffer
-	if err := Write(&out, inventory(now), "json", now); err != nil {
+	if err := Write(&out, inventory(now), "json", now, Options{}); err != nil {
 		t.Fatal(err)
 	}
 	var back store.Inventory
@@ -67,7 +74,7 @@ func TestJSON(t *testing.T) {
 	if v := back.Modules[0].Verification; len(v) != 1 || len(v[0].Passed) != 1 || v[0].Passed[0].Signer != "key acme.pub" {
 		t.Errorf("verification read back %+v", v)
 	}
-	if err := Write(&out, inventory(now), "yaml", now); err == nil {
+	if err := Write(&out, inventory(now), "yaml", now, Options{}); err == nil {
 		t.Error("-o yaml accepted")
 	}
 }
@@ -82,8 +89,85 @@ func TestVerified(t *testing.T) {
 		{[]store.VerificationState{{Manifest: m, Passed: []store.PassedPolicy{}}}, "no"},
 		{[]store.VerificationState{{Manifest: m, Passed: []store.PassedPolicy{{Policy: "b"}, {Policy: "a"}, {Policy: "b"}}}}, "b,a"},
 	} {
-		if got := verified(c.vs); got != c.want {
+		if got := verified(store.ModuleInfo{Verification: c.vs}, nil); got != c.want {
 			t.Errorf("verified(%+v) = %q, want %q", c.vs, got, c.want)
+		}
+	}
+}
+
+func policies(t *testing.T, unmatched string, keyPEM string) *verify.Policies {
+	t.Helper()
+	fc, err := config.ParseFileConfig([]byte(`verification:
+  unmatched: ` + unmatched + `
+  policies:
+  - name: acme
+    images: [reg.example/acme]
+    cosign:
+      ignoreTlog: true
+      keys:
+      - pem: |
+` + indent(keyPEM, "          ")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps, err := fc.VerificationPolicies()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ps
+}
+
+func indent(s, prefix string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		b.WriteString(prefix + l + "\n")
+	}
+	return b.String()
+}
+
+func publicKeyPEM(t *testing.T) string {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&k.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+}
+
+// TestVerifiedAgainstPolicies: with the config's policies, the table says
+// whether a module passed the policy its image matches as it is now.
+func TestVerifiedAgainstPolicies(t *testing.T) {
+	ps := policies(t, "allow", publicKeyPEM(t))
+	current := ps.Match("reg.example", "acme/filter").Fingerprint
+	m := digest.FromString("manifest")
+	module := func(ref string, passed ...string) store.ModuleInfo {
+		mi := store.ModuleInfo{Refs: []store.RefRecord{{Ref: ref, Manifest: m}}}
+		if passed != nil {
+			v := store.VerificationState{Manifest: m, Passed: []store.PassedPolicy{}}
+			for _, fp := range passed {
+				v.Passed = append(v.Passed, store.PassedPolicy{Policy: "acme", Fingerprint: fp})
+			}
+			mi.Verification = []store.VerificationState{v}
+		}
+		return mi
+	}
+	for _, c := range []struct {
+		m    store.ModuleInfo
+		ps   *verify.Policies
+		want string
+	}{
+		{module("reg.example/acme/filter:1", current), ps, "acme"},
+		{module("reg.example/acme/filter:1", "an earlier fingerprint"), ps, "acme (re-check)"},
+		{module("reg.example/acme/filter:1"), ps, "acme (no)"},
+		{module("reg.example/other/filter:1"), ps, "-"},
+		{module("reg.example/other/filter:1"), policies(t, "deny", publicKeyPEM(t)), "denied"},
+	} {
+		if got := verified(c.m, c.ps); got != c.want {
+			t.Errorf("%s passed %+v: %q, want %q", c.m.Refs[0].Ref, c.m.Verification, got, c.want)
 		}
 	}
 }

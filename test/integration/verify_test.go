@@ -112,6 +112,11 @@ func TestVerification(t *testing.T) {
 		t.Fatalf("re-checking a stored module after a policy change cost %d registry requests", n)
 	}
 	checkFile(t, running, "plugin.wasm", signedMod)
+	// inspect, given the daemon's config, says the stored module passed
+	// only the earlier version of the policy.
+	if row := inspectRow(t, e.d, cfgPath, image(repo+"/signed:1")); !strings.Contains(row, " acme-release (re-check) ") {
+		t.Errorf("inspect after the policy swap: %q, want acme-release (re-check)", row)
+	}
 
 	// Warn mode: served.
 	writeConfig(t, cfgPath, keyPolicy(repo, "warn", "allow", other))
@@ -155,4 +160,21 @@ func inspectVerification(t *testing.T, d *harness.Daemon, ref string) []store.Ve
 	}
 	t.Fatalf("inspect lists no module for %s:\n%s", ref, out)
 	return nil
+}
+
+// inspectRow runs `wasm-csi-driver inspect` (a table) on the daemon's store
+// with config and returns the module row naming ref.
+func inspectRow(t *testing.T, d *harness.Daemon, config, ref string) string {
+	t.Helper()
+	out, err := exec.Command(d.Bin, "inspect", "--root-dir="+d.Root, "--config="+config).Output()
+	if err != nil {
+		t.Fatalf("inspect: %v", err)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "sha256:") && strings.Contains(l, ref) {
+			return l
+		}
+	}
+	t.Fatalf("inspect lists no module for %s:\n%s", ref, out)
+	return ""
 }
