@@ -26,9 +26,9 @@ type Policy struct {
 	// MaxInterval caps the wait between reports, which doubles after the
 	// first SteadyReports (default DefaultMaxInterval). Reports go to pod
 	// events, and client-go's event recorder lets a source send 25 events
-	// about a pod and then one every 5 minutes: a pull that reported every
-	// 10 s for as long as it lasts would use them up, and its Pulled
-	// event would be dropped.
+	// of one type about a pod, then one every 5 minutes: a pull that
+	// reported every 10 s for as long as it lasts would use them up, and
+	// its Pulled event would be dropped.
 	MaxInterval time.Duration
 }
 
