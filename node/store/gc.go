@@ -142,12 +142,17 @@ func (s *Store) modules() ([]storedModule, error) {
 }
 
 // removeModule deletes module d: first the tag records that point to it
-// (so no publish finds it), then its views, then the blob.
+// (so no publish finds it), then its views, then the blob, then the
+// verification records of the manifests those tag records named (a
+// manifest names one module). A pull of the same image racing the
+// collector may lose its fresh record: its next publish then reads the
+// signatures from the registry again, nothing is served unverified.
 func (s *Store) removeModule(d digest.Digest) error {
 	refs, err := os.ReadDir(s.refDir())
 	if err != nil {
 		return storageError(err, "listing tag records")
 	}
+	var manifests []digest.Digest
 	for _, r := range refs {
 		if strings.HasPrefix(r.Name(), tmpPrefix) {
 			continue
@@ -157,6 +162,9 @@ func (s *Store) removeModule(d digest.Digest) error {
 		if err := readJSON(p, &rec); err != nil || rec.Module == d {
 			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return storageError(err, "removing a tag record")
+			}
+			if err == nil && rec.Manifest.Validate() == nil {
+				manifests = append(manifests, rec.Manifest)
 			}
 		}
 	}
@@ -180,7 +188,15 @@ func (s *Store) removeModule(d digest.Digest) error {
 	if err := os.Remove(s.BlobPath(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return storageError(err, "removing the module")
 	}
-	return syncDir(s.blobDir())
+	if err := syncDir(s.blobDir()); err != nil {
+		return err
+	}
+	for _, m := range manifests {
+		if err := os.Remove(s.verifyPath(m)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return storageError(err, "removing a verification record")
+		}
+	}
+	return nil
 }
 
 // GCResult says what a collection did.

@@ -153,3 +153,46 @@ func TestCollectMinimumModuleAge(t *testing.T) {
 		})
 	}
 }
+
+// TestCollectRemovesVerificationRecords: a collected module takes the
+// verification records of its manifests with it; a kept module keeps its.
+func TestCollectRemovesVerificationRecords(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	now := time.Now()
+	s := openStore(t, t.TempDir())
+	withManifest := func(body string, used time.Time) digest.Digest {
+		d := storeModule(t, s, body, used)
+		m := digest.FromString("manifest of " + body)
+		for _, ref := range []string{"reg/" + body + ":1", "reg/" + body + "@" + m.String()} {
+			if err := s.PutRef(RefRecord{Ref: ref, Manifest: m, Module: d}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.PutVerification(m, map[string]any{"manifest": m, "passed": map[string]PassedPolicy{"fp": {Policy: "p"}}}); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	gone := withManifest("old-and-signed", now.Add(-30*24*time.Hour))
+	kept := withManifest("fresh-and-signed", now.Add(-time.Hour))
+	uses, err := NewUses(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Collect(uses, GCPolicy{MaxAge: 24 * time.Hour}, now, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Removed != 1 {
+		t.Fatalf("removed %d modules, want 1", res.Removed)
+	}
+	if _, ok := s.Verification(gone); ok {
+		t.Error("the collected module's verification record is still there")
+	}
+	if _, err := os.Stat(s.verifyPath(gone)); !os.IsNotExist(err) {
+		t.Errorf("verify record of the collected module: %v", err)
+	}
+	if _, ok := s.Verification(kept); !ok {
+		t.Error("the kept module lost its verification record")
+	}
+}
