@@ -61,7 +61,7 @@ func New(reg prometheus.Registerer, st *store.Store) (*Metrics, error) {
 		}, []string{"result"}),
 		verifications: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "verifications_total",
-			Help: "Signature checks of modules, by result: verified, refused, warned (served in warn mode), unavailable (the registry could not be asked).",
+			Help: "Signature checks of modules, by result: verified, cached (passed this policy before: no check), refused, warned (served in warn mode), unavailable (the registry could not be asked).",
 		}, []string{"result"}),
 		storeMax: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "store_max_bytes",
@@ -117,7 +117,7 @@ var (
 )
 
 // VerificationResults are the values of verifications_total's result.
-var VerificationResults = []string{"verified", "refused", "warned", "unavailable"}
+var VerificationResults = []string{"verified", "cached", "refused", "warned", "unavailable"}
 
 // Verification records one signature check by result (one of
 // VerificationResults).
