@@ -103,7 +103,7 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 	}
 	acc := accessOf()
 	// The pod hears of the pull's progress while it waits on it.
-	done := s.waiting.add(key, req.Pod)
+	done := s.waiting.add(key, req.Pod, acc.key)
 	if ev := s.cfg.Events; ev != nil {
 		if s.slots.WillWait(key) {
 			running, _ := s.slots.Counts()
@@ -260,7 +260,7 @@ func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) 
 			return store.RefRecord{}, false, err
 		}
 		s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", d.Digest)
-		rec, err := s.download(ctx, st, ref, src, d, cred)
+		rec, err := s.download(ctx, st, ref, src, d, cred, acc.key)
 		release()
 		s.cfg.Metrics.Pulled(err, rec.Size, time.Since(start))
 		if err == nil {
@@ -330,13 +330,15 @@ func (s *Service) pullSlot(ctx context.Context, ref puller.Reference) (func(), e
 
 // download streams the module into the store, validates it and records
 // which module the reference resolved to.
-func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential) (store.RefRecord, error) {
+// leader names the credentials of the publish whose pull this is
+// (access.key).
+func (s *Service) download(ctx context.Context, st *settings, ref, src puller.Reference, desc ocispec.Descriptor, used puller.Credential, leader string) (store.RefRecord, error) {
 	w, err := s.store.NewBlobWriter(s.cfg.Puller.Buffers)
 	if err != nil {
 		return store.RefRecord{}, withImage(err, ref.Original)
 	}
 	defer w.Abort()
-	sink := s.newProgressSink(w, ref, desc)
+	sink := s.newProgressSink(w, ref, desc, used.FromPodSecret(), leader)
 	mod, err := st.puller.Pull(ctx, src, desc, sink, used)
 	sink.stop()
 	if err != nil {

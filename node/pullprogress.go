@@ -22,25 +22,33 @@ import (
 type pullWaiters struct {
 	mu   sync.Mutex
 	next uint64
-	m    map[string]map[uint64]PodInfo
+	m    map[string]map[uint64]waiter
 }
 
-// add registers pod as waiting on the pull of key until remove is called.
-func (w *pullWaiters) add(key string, pod PodInfo) (remove func()) {
+// waiter is a pod waiting on a pull, with the key of the credentials its
+// publish pulls with (access.key).
+type waiter struct {
+	pod    PodInfo
+	access string
+}
+
+// add registers pod (pulling with credentials access) as waiting on the
+// pull of key until remove is called.
+func (w *pullWaiters) add(key string, pod PodInfo, access string) (remove func()) {
 	if pod.Name == "" {
 		return func() {}
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.m == nil {
-		w.m = map[string]map[uint64]PodInfo{}
+		w.m = map[string]map[uint64]waiter{}
 	}
 	if w.m[key] == nil {
-		w.m[key] = map[uint64]PodInfo{}
+		w.m[key] = map[uint64]waiter{}
 	}
 	w.next++
 	id := w.next
-	w.m[key][id] = pod
+	w.m[key][id] = waiter{pod, access}
 	return func() {
 		w.mu.Lock()
 		defer w.mu.Unlock()
@@ -51,16 +59,23 @@ func (w *pullWaiters) add(key string, pod PodInfo) (remove func()) {
 	}
 }
 
-// pods lists the pods waiting on the pull of key, each once.
-func (w *pullWaiters) pods(key string) []PodInfo {
+// pods lists the pods waiting on the pull of key, each once. When the
+// pull runs with a pod's pull secret (private), only the pods pulling with
+// the same credentials (access) are listed: the others have not shown the
+// registry they may see the module (checkAccess runs after the pull), and
+// its size is not theirs to learn.
+func (w *pullWaiters) pods(key string, private bool, access string) []PodInfo {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	seen := map[PodInfo]bool{}
 	var out []PodInfo
-	for _, p := range w.m[key] {
-		if !seen[p] {
-			seen[p] = true
-			out = append(out, p)
+	for _, wt := range w.m[key] {
+		if private && wt.access != access {
+			continue
+		}
+		if !seen[wt.pod] {
+			seen[wt.pod] = true
+			out = append(out, wt.pod)
 		}
 	}
 	return out
@@ -99,8 +114,9 @@ func (p *progressSink) stop() {
 // newProgressSink wraps w for the download of ref (manifest desc): the
 // download is announced in the store when its layer is known, and one
 // reporting Config.Progress's threshold or more is reported on schedule to
-// the log and to the pods waiting on it.
-func (s *Service) newProgressSink(w *store.BlobWriter, ref puller.Reference, desc ocispec.Descriptor) *progressSink {
+// the log and to the pods waiting on it (with a pod's pull secret,
+// private, only those pulling with the leader's credentials).
+func (s *Service) newProgressSink(w *store.BlobWriter, ref puller.Reference, desc ocispec.Descriptor, private bool, leader string) *progressSink {
 	return &progressSink{BlobWriter: w, started: func(layer ocispec.Descriptor) *progress.Download {
 		start := time.Now()
 		if err := w.Announce(store.PullRecord{Image: ref.Original, Manifest: desc.Digest, Layer: layer.Digest,
@@ -112,7 +128,7 @@ func (s *Service) newProgressSink(w *store.BlobWriter, ref puller.Reference, des
 			s.log.Info("pull progress", "image", ref.Original, "layer", layer.Digest, "bytes", done, "total", total,
 				"duration", time.Since(start).Round(time.Millisecond))
 			if ev := s.cfg.Events; ev != nil {
-				for _, pod := range s.waiting.pods(ref.String()) {
+				for _, pod := range s.waiting.pods(ref.String(), private, leader) {
 					ev.PullProgress(pod, ref.Original, done, total)
 				}
 			}

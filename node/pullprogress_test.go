@@ -10,6 +10,8 @@ import (
 
 	"github.com/wasm-csi/wasm-csi/node/config"
 	"github.com/wasm-csi/wasm-csi/node/progress"
+	"github.com/wasm-csi/wasm-csi/puller"
+	"github.com/wasm-csi/wasm-csi/puller/errdefs"
 )
 
 func (e *countingEvents) progressOf() []progressEvent {
@@ -150,5 +152,41 @@ func TestSmallPullNoProgress(t *testing.T) {
 	clk.Step(time.Hour)
 	if got := e.events.progressOf(); len(got) != 0 {
 		t.Errorf("progress %v for a module under the threshold", got)
+	}
+}
+
+// TestPrivatePullProgress: a pull made with a pod's pull secret reports
+// its progress to that pod only; a pod without credentials that joined it
+// learns nothing of the module (and is refused after the pull).
+func TestPrivatePullProgress(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	clk := clocktesting.NewFakeClock(time.Now())
+	e.svc.cfg.Clock = clk
+	e.svc.cfg.Progress = progress.Policy{MinSize: 1, Interval: 10 * time.Second}
+	e.reg.add("acme/private", "alice")
+	e.creds.keyrings["pod-owner"] = []*puller.Keyring{secret(t, "regcred", "reg.example", "alice")}
+	e.reg.halfway, e.reg.resume = make(chan struct{}, 1), make(chan struct{})
+
+	owner := e.request(t, "vol-owner", "reg.example/acme/private:1", "pod-owner", PullIfNotPresent)
+	thief := e.request(t, "vol-thief", "reg.example/acme/private:1", "pod-thief", PullIfNotPresent)
+	ownerErr, thiefErr := make(chan error, 1), make(chan error, 1)
+	go func() { ownerErr <- e.svc.Publish(context.Background(), owner) }()
+	<-e.reg.halfway // the owner's pull, with its secret
+	go func() { thiefErr <- e.svc.Publish(context.Background(), thief) }()
+	e.events.waitPulling(t, 2)
+
+	waitTimer(t, clk)
+	clk.Step(10 * time.Second)
+	got := e.events.waitProgress(t, 1)
+	close(e.reg.resume)
+	if err := <-ownerErr; err != nil {
+		t.Fatalf("owner: %v", err)
+	}
+	if err := <-thiefErr; !isKind(err, errdefs.ErrUnauthorized) {
+		t.Errorf("pod without credentials: %v, want Unauthorized", err)
+	}
+	got = e.events.progressOf()
+	if len(got) != 1 || got[0].pod != "pod-owner" {
+		t.Errorf("progress events %+v, want one, to pod-owner", got)
 	}
 }
