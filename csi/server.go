@@ -12,8 +12,11 @@ import (
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+
+	"github.com/wasm-csi/wasm-csi/node"
 )
 
 // ParseEndpoint returns the socket path of a "unix:///path" endpoint.
@@ -57,11 +60,29 @@ type Server struct {
 // Listen removes a stale socket at path, listens there and registers the
 // services. Serve starts answering.
 func Listen(path string, id *IdentityServer, ns *NodeServer, log *slog.Logger) (*Server, error) {
+	return listen(path, MaxConnections, id, ns, log)
+}
+
+// MaxConnections is how many connections the CSI socket serves at once;
+// more wait, unaccepted, in the socket's backlog. kubelet dials a
+// connection per call, and each one the server accepts costs it three
+// goroutines and their stacks: a burst of 1,000 publishes held 1,000 of
+// them. It is twice node.MaxHeldCallers: publishes whose pulls are queued
+// past that return at once (their retry joins the pull), so connections
+// keep turning over and a publish of a module on the node is not kept
+// waiting behind them.
+const MaxConnections = 2 * node.MaxHeldCallers
+
+func listen(path string, maxConns int, id *IdentityServer, ns *NodeServer, log *slog.Logger) (*Server, error) {
 	lis, err := listenUnix(path)
 	if err != nil {
 		return nil, err
 	}
-	g := grpc.NewServer(grpc.UnaryInterceptor(logCalls(log)))
+	lis = netutil.LimitListener(lis, maxConns)
+	// CSI messages are small: no 32 KiB read and write buffers per
+	// connection (gRPC's default), which 1,000 connections multiplied.
+	g := grpc.NewServer(grpc.UnaryInterceptor(logCalls(log)),
+		grpc.ReadBufferSize(0), grpc.WriteBufferSize(0), grpc.SharedWriteBuffer(true))
 	csipb.RegisterIdentityServer(g, id)
 	csipb.RegisterNodeServer(g, ns)
 	return &Server{grpc: g, lis: lis, path: path}, nil

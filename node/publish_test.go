@@ -386,3 +386,73 @@ func TestManifestRequestsBounded(t *testing.T) {
 		e.published(t, req, e.reg.images[fmt.Sprintf("acme/m%d", i)].body)
 	}
 }
+
+// TestQueuedCallersBounded: with every pull slot downloading and
+// MaxHeldCallers publishes waiting in their calls for queued pulls, a
+// further publish returns ErrPullPending at once instead of holding its
+// call (and kubelet's connection); its pull stays queued, and the retry
+// joins it: every module is downloaded once.
+func TestQueuedCallersBounded(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	e.reg.release = make(chan struct{})
+	slots := e.svc.slots.Limit()
+	const extra = 5
+	n := MaxHeldCallers + slots + extra
+	reqs := make([]PublishRequest, n)
+	type result struct {
+		i   int
+		err error
+	}
+	results := make(chan result, n)
+	for i := range n {
+		e.reg.add(fmt.Sprintf("acme/q%d", i), "")
+		reqs[i] = e.request(t, fmt.Sprintf("vol-%d", i), fmt.Sprintf("reg.example/acme/q%d:1", i), fmt.Sprintf("pod-%d", i), PullIfNotPresent)
+		go func() { results <- result{i, e.svc.Publish(context.Background(), reqs[i])} }()
+	}
+	// The downloads are held at the registry: whatever returns now was
+	// turned away without waiting for its pull. Callers whose pull was
+	// already downloading are always held, so at least `extra` and at most
+	// `extra + slots` are turned away.
+	var turnedAway []int
+	for len(turnedAway) < extra {
+		select {
+		case r := <-results:
+			if !isKind(r.err, errdefs.ErrPullPending) || !strings.Contains(r.err.Error(), "queued") {
+				t.Fatalf("publish %d returned while downloads were held: %v, want ErrPullPending saying it is queued", r.i, r.err)
+			}
+			turnedAway = append(turnedAway, r.i)
+		case <-time.After(time.Minute):
+			t.Fatalf("%d publishes turned away; want %d past the %d held", len(turnedAway), extra, MaxHeldCallers)
+		}
+	}
+	if held := e.svc.held.Load(); held > int64(MaxHeldCallers+slots) {
+		t.Errorf("%d publishes held in their calls, want at most %d + %d downloading", held, MaxHeldCallers, slots)
+	}
+	close(e.reg.release)
+	for range n - extra {
+		r := <-results
+		if r.err != nil {
+			if !isKind(r.err, errdefs.ErrPullPending) {
+				t.Fatalf("publish %d: %v", r.i, r.err)
+			}
+			turnedAway = append(turnedAway, r.i)
+		}
+	}
+	if len(turnedAway) > extra+slots {
+		t.Errorf("%d publishes turned away, want at most %d", len(turnedAway), extra+slots)
+	}
+	for _, i := range turnedAway {
+		if err := e.svc.Publish(context.Background(), reqs[i]); err != nil {
+			t.Fatalf("retry of publish %d: %v", i, err)
+		}
+	}
+	for i, req := range reqs {
+		e.published(t, req, e.reg.images[fmt.Sprintf("acme/q%d", i)].body)
+	}
+	if got := e.reg.pullCount(); got != n {
+		t.Errorf("%d downloads for %d modules: a retry queued its pull again", got, n)
+	}
+	if held := e.svc.held.Load(); held != 0 {
+		t.Errorf("%d publishes still counted as held", held)
+	}
+}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
@@ -112,7 +113,7 @@ func (s *Service) lookup(ctx context.Context, req PublishRequest, accessOf func(
 			ev.Pulling(req.Pod, req.Image.Original)
 		}
 	}
-	rec, cached, leader, err := s.pull(ctx, req.Image, acc)
+	rec, cached, leader, err := s.pull(ctx, req.Image, acc, true)
 	done()
 	if err != nil {
 		return store.RefRecord{}, false, err
@@ -157,7 +158,10 @@ type pullResult struct {
 // pull runs one pull per reference at a time. The pull runs on a context of
 // its own, so it outlives a caller that gives up; the caller's retry joins
 // it. leader names the credentials the pull ran with.
-func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (store.RefRecord, bool, string, error) {
+//
+// A kubelet call (call true) may be turned away while the pull is queued
+// (holdCaller); a background pull (pre-pull) always waits.
+func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, call bool) (store.RefRecord, bool, string, error) {
 	ch := s.flight.DoChan(ref.String(), func() (any, error) {
 		// An image that keeps failing is not asked for again before its
 		// damping window ends (damping.go).
@@ -170,17 +174,55 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access) (s
 		s.damp.done(ref.String(), acc.key, err)
 		return pullResult{rec, cached, acc.key}, err
 	})
-	select {
-	case r := <-ch:
+	result := func(r singleflight.Result) (store.RefRecord, bool, string, error) {
 		if r.Err != nil {
 			return store.RefRecord{}, false, "", r.Err
 		}
 		pr := r.Val.(pullResult)
 		return pr.rec, pr.cached, pr.leader, nil
+	}
+	if call && !s.holdCaller(ref.String()) {
+		select {
+		case r := <-ch:
+			return result(r)
+		default:
+		}
+		running, waiting := s.slots.Counts()
+		return store.RefRecord{}, false, "", errdefs.New(errdefs.ErrPullPending, ref.Original, nil,
+			"the pull is queued (%d downloads running, %d waiting for one of the %d pull slots) and goes on in the background; the retry will use it", running, waiting, s.slots.Limit())
+	}
+	if call {
+		defer s.held.Add(-1)
+	}
+	select {
+	case r := <-ch:
+		return result(r)
 	case <-ctx.Done():
 		return store.RefRecord{}, false, "", errdefs.New(errdefs.ErrPullPending, ref.Original, ctx.Err(),
 			"the pull is still in progress and goes on in the background; the retry will use it")
 	}
+}
+
+// MaxHeldCallers is how many publishes may wait in their call for a pull
+// that is not downloading yet (csi.MaxConnections is twice it).
+const MaxHeldCallers = 64
+
+// holdCaller says whether a publish may wait in its call for the pull of
+// key, and counts it in s.held if so (the caller subtracts it). A caller
+// whose pull is downloading is always held; one whose pull is queued only
+// while no more than MaxHeldCallers are held.
+// Each call held is a kubelet connection (kubelet dials one per call) with
+// its server-side goroutines and buffers: 1,000 of them held for queued
+// pulls cost more memory than the pulls themselves. A publish turned away
+// gets ErrPullPending at once; its pull stays queued and kubelet's retry,
+// after its backoff, joins it.
+func (s *Service) holdCaller(key string) bool {
+	n := s.held.Add(1)
+	if n <= MaxHeldCallers || s.slots.Downloading(key) {
+		return true
+	}
+	s.held.Add(-1)
+	return false
 }
 
 // doPull fetches ref from the first source that serves it. Sources come in

@@ -192,6 +192,7 @@ type Service struct {
 	damp     *damper
 	slots    *pullslots.Slots
 	waiting  pullWaiters
+	held     atomic.Int64 // publishes waiting in their call for a pull (pull.go holdCaller)
 
 	cfgStatus configStatus
 
@@ -364,7 +365,7 @@ func (s *Service) startPrePull(images []string) {
 				s.log.Debug("pre-pull: already present", "image", img, "digest", rec.Module)
 				continue
 			}
-			rec, _, _, err := s.pull(ctx, ref, access{})
+			rec, _, _, err := s.pull(ctx, ref, access{}, false)
 			if err != nil {
 				s.log.Error("pre-pull failed", "image", img, "err", err)
 				continue

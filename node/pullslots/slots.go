@@ -218,6 +218,13 @@ func (s *Slots) WillWait(key string) bool {
 	return s.nWait > 0 || s.nRun >= s.limit
 }
 
+// Downloading reports whether a download of key holds a slot.
+func (s *Slots) Downloading(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.running[key] > 0
+}
+
 // Counts returns the downloads holding a slot and those waiting for one.
 func (s *Slots) Counts() (running, waiting int) {
 	s.mu.Lock()
