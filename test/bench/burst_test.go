@@ -13,7 +13,9 @@ import (
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/wasm-csi/wasm-csi/test/lib/harness"
@@ -24,6 +26,12 @@ import (
 // kubeletDeadline is the deadline kubelet puts on a NodePublishVolume; it
 // retries after it.
 const kubeletDeadline = 2 * time.Minute
+
+// kubelet's backoff between two attempts of one volume operation.
+const (
+	kubeletFirstBackoff = 500 * time.Millisecond
+	kubeletMaxBackoff   = 2*time.Minute + 2*time.Second
+)
 
 // burst is a number of distinct modules of one size published at once.
 type burst struct {
@@ -137,6 +145,9 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	defer harness.UnmountUnder(k.Root)
 	time.Sleep(time.Second)
 	base := rssKiB(b, d.Pid(), "VmRSS")
+	// Anonymous memory (heap, stacks) and file pages (the binary's code
+	// run for the first time, e.g. the module validator's) apart.
+	baseAnon, baseFile := rssKiB(b, d.Pid(), "RssAnon"), rssKiB(b, d.Pid(), "RssFile")
 
 	reqs := make([]*csipb.NodePublishVolumeRequest, len(images))
 	for i, img := range images {
@@ -171,8 +182,9 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	}
 	time.Sleep(settle)
 	rest := rssKiB(b, d.Pid(), "VmRSS")
-	b.Logf("%d publishes served in %v with %d kubelet retries; idle RSS %.1f MiB, peak %.1f MiB, %v later %.1f MiB",
-		len(reqs), elapsed.Round(time.Millisecond), retries.Load(), base/1024, hwm/1024, settle, rest/1024)
+	b.Logf("%d publishes served in %v with %d kubelet retries; idle RSS %.1f MiB (anon %.1f, file %.1f), peak %.1f MiB, %v later %.1f MiB (anon %.1f, file %.1f)",
+		len(reqs), elapsed.Round(time.Millisecond), retries.Load(), base/1024, baseAnon/1024, baseFile/1024, hwm/1024, settle, rest/1024,
+		rssKiB(b, d.Pid(), "RssAnon")/1024, rssKiB(b, d.Pid(), "RssFile")/1024)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
@@ -193,12 +205,25 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 
 // publishLikeKubelet calls NodePublishVolume with kubelet's deadline and
 // retries, as kubelet does, while the answer says the work is still going
-// on (DeadlineExceeded, Aborted, Unavailable). It gives up after 15 minutes.
+// on (DeadlineExceeded, Aborted, Unavailable), after kubelet's backoff
+// (500 ms, doubled after each failure up to 2m2s: kubelet's
+// exponentialbackoff for volume operations). It gives up after 15 minutes.
+// Each call is made on a connection of its own, closed after it, as
+// kubelet's CSI client does (pkg/volume/csi/csi_client.go): N publishes in
+// flight are N connections to the daemon, each with its server-side
+// buffers and goroutines.
 func publishLikeKubelet(ctx context.Context, d *harness.Daemon, r *csipb.NodePublishVolumeRequest, retries *atomic.Int64) error {
 	giveUp := time.Now().Add(15 * time.Minute)
+	backoff := kubeletFirstBackoff
 	for {
 		cctx, cancel := context.WithTimeout(ctx, kubeletDeadline)
-		_, err := d.Node.NodePublishVolume(cctx, r)
+		conn, err := grpc.NewClient("unix://"+d.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			cancel()
+			return err
+		}
+		_, err = csipb.NewNodeClient(conn).NodePublishVolume(cctx, r)
+		conn.Close()
 		cancel()
 		switch status.Code(err) {
 		case codes.OK:
@@ -208,7 +233,8 @@ func publishLikeKubelet(ctx context.Context, d *harness.Daemon, r *csipb.NodePub
 				return err
 			}
 			retries.Add(1)
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(backoff)
+			backoff = min(2*backoff, kubeletMaxBackoff)
 		default:
 			return err
 		}

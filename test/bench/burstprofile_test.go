@@ -81,7 +81,7 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 func memStats(p []byte) string {
 	var out []string
 	for _, line := range strings.Split(string(p), "\n") {
-		for _, k := range []string{"HeapInuse", "HeapIdle", "HeapReleased", "StackInuse", "NextGC", "Sys"} {
+		for _, k := range []string{"HeapInuse", "HeapIdle", "HeapReleased", "Stack", "NextGC", "Sys"} {
 			var v float64
 			if _, err := fmt.Sscanf(line, "# "+k+" = %g", &v); err == nil {
 				out = append(out, fmt.Sprintf("%s %.1f", k, v/(1<<20)))
