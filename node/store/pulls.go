@@ -122,10 +122,14 @@ func (s *Store) Pulls() ([]PullInFlight, error) {
 	return out, nil
 }
 
-// clearPulls removes every record of a pull in flight (at start, none is).
+// clearPulls removes every record of a pull in flight (at start, none is)
+// and leaves the directory empty.
 func (s *Store) clearPulls() error {
 	if err := os.RemoveAll(s.pullDir()); err != nil {
 		return storageError(err, "removing the records of pulls cut by a restart")
+	}
+	if err := os.MkdirAll(s.pullDir(), 0o755); err != nil {
+		return storageError(err, "creating the directory of pulls in flight")
 	}
 	return nil
 }

@@ -132,8 +132,8 @@ func TestPullsAfterCrash(t *testing.T) {
 	if ps := pullsOf(t, s2); len(ps) != 0 {
 		t.Errorf("pulls listed after a restart: %+v", ps)
 	}
-	if _, err := os.Stat(s2.pullDir()); !os.IsNotExist(err) {
-		t.Errorf("pulls/ kept after a restart: %v", err)
+	if left, err := os.ReadDir(s2.pullDir()); err != nil || len(left) != 0 {
+		t.Errorf("pulls/ after a restart: %v, %v", left, err)
 	}
 	noTemps(t, root)
 }

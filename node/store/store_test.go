@@ -162,7 +162,7 @@ func TestOpenStoreLayout(t *testing.T) {
 	if s.Root() != root {
 		t.Errorf("Root() = %q", s.Root())
 	}
-	for _, d := range []string{"blobs/sha256", "refs", "views", "volumes"} {
+	for _, d := range []string{"blobs/sha256", "refs", "views", "volumes", "pulls"} {
 		fi, err := os.Stat(filepath.Join(root, d))
 		if err != nil || !fi.IsDir() {
 			t.Errorf("%s: %v", d, err)
