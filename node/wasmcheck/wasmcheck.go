@@ -13,6 +13,7 @@ package wasmcheck
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -147,22 +148,31 @@ func checkFile(path string, mode Mode, chunk int) error {
 	if err != nil {
 		return err
 	}
+	// The module's own reading of its sections, before wazero's: a memory
+	// over Envoy's limit is refused with its own message. When it cannot
+	// be read, wazero says why below.
+	mod, modErr := parseModule(code)
+	if modErr == nil {
+		if err := mod.checkMemory(); errors.Is(err, errMemoryOverLimit) {
+			return refuse("asks for more memory than Envoy gives a module (%d pages, 1 GiB): %v: lower its initial memory",
+				envoyMaxMemoryPages, err)
+		}
+	}
 	ctx := context.Background()
 	rt := wazero.NewRuntimeWithConfig(ctx, validationConfig())
 	defer rt.Close(ctx)
 	cm, err := compileModule(ctx, rt, code, chunk)
 	if err != nil {
-		if strings.Contains(err.Error(), "over limit of") {
-			return refuse("asks for more memory than Envoy gives a module (%d pages, 1 GiB): %v: lower its initial memory",
-				envoyMaxMemoryPages, err)
-		}
 		return refuse("is not valid WebAssembly: %v: rebuild it, for WebAssembly 2.0 without threads, tail calls or exception handling, which this check does not accept (or have the operator set validation: none)", err)
 	}
 	defer cm.Close(ctx)
 	if mode == Wasm {
 		return nil
 	}
-	return checkProxyWasm(cm, code)
+	if modErr != nil {
+		return refuse("is not valid WebAssembly: %v: rebuild it", modErr)
+	}
+	return checkProxyWasm(cm, mod)
 }
 
 // chunkBytes is about how many bytes of function bodies CheckFile
@@ -225,20 +235,16 @@ type codeLayout struct {
 // parseCodeLayout finds the code section of code and its entries; ok is
 // false if there is none or it is malformed (then wazero reports it).
 func parseCodeLayout(code []byte) (l codeLayout, ok bool) {
-	r := &byteReader{b: code, i: HeaderSize}
-	for r.i < len(r.b) {
-		start := r.i
-		id := r.byte()
-		size := r.u32()
-		if r.err != nil || int(size) > len(r.b)-r.i {
-			return l, false
-		}
-		end := r.i + int(size)
-		if id != 10 {
-			r.i = end
+	secs, err := sectionsOf(code)
+	if err != nil {
+		return l, false
+	}
+	for _, sc := range secs {
+		if sc.id != sectionCode {
 			continue
 		}
-		sec := &byteReader{b: code[:end], i: r.i}
+		start, end := sc.start, sc.end
+		sec := sc.reader(code)
 		count := sec.u32()
 		if sec.err != nil || int(count) > end-sec.i {
 			return l, false
@@ -328,32 +334,15 @@ func readWasmSections(f *os.File) ([]byte, error) {
 	if err != nil {
 		return nil, errdefs.New(errdefs.ErrInternal, "", err, "read module for validation")
 	}
-	s := &sectionScanner{f: f, size: fi.Size()}
-	s.seek(HeaderSize)
 	keep := []span{{0, HeaderSize}}
-	for s.off < s.size {
-		start := s.off
-		id, err := s.readByte()
-		if err != nil {
-			return nil, s.readError(err)
-		}
-		size, _, err := s.readU32()
-		if err != nil {
-			return nil, s.malformed(start, err)
-		}
-		end := s.off + int64(size)
-		if end > s.size {
-			return nil, refuse("is truncated: its section at offset %d claims %d bytes, but the file ends %d bytes later: push the complete module",
-				start, size, s.size-s.off)
-		}
-		if id == 0 { // custom section
+	err = walkSections(f, fi.Size(), func(s *sectionScanner, id byte, start, _, end int64) error {
+		if id == sectionCustom {
 			isName, err := s.readCustomName(end)
 			if err != nil {
-				return nil, s.malformed(start, err)
+				return s.malformed(start, err)
 			}
 			if !isName {
-				s.seek(end)
-				continue
+				return nil
 			}
 		}
 		if last := &keep[len(keep)-1]; last.off+last.n == start {
@@ -361,7 +350,10 @@ func readWasmSections(f *os.File) ([]byte, error) {
 		} else {
 			keep = append(keep, span{start, end - start})
 		}
-		s.seek(end)
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 
 	var total int64
@@ -379,12 +371,77 @@ func readWasmSections(f *os.File) ([]byte, error) {
 	return code, nil
 }
 
+// Section ids (https://webassembly.github.io/spec/core/binary/modules.html#sections).
+const (
+	sectionCustom = 0
+	sectionImport = 2
+	sectionMemory = 5
+	sectionExport = 7
+	sectionCode   = 10
+)
+
+// walkSections is the one reader of a module's sections, on disk or in
+// memory: it calls visit for each section of the module in r (size bytes,
+// after the header) in order, with its id and the offsets of its id byte,
+// its contents and its end. It reads the section headers through a small
+// buffer and seeks over the contents, which visit may read through s. A
+// header that is malformed or a section that runs past the end is a
+// refusal; an error of visit stops the walk and is returned.
+func walkSections(r io.ReaderAt, size int64, visit func(s *sectionScanner, id byte, start, body, end int64) error) error {
+	s := &sectionScanner{r: r, size: size}
+	s.seek(HeaderSize)
+	for s.off < s.size {
+		start := s.off
+		id, err := s.ReadByte()
+		if err != nil {
+			return s.readError(err)
+		}
+		n, err := readU32(s)
+		if err != nil {
+			return s.malformed(start, err)
+		}
+		end := s.off + int64(n)
+		if end > s.size {
+			return refuse("is truncated: its section at offset %d claims %d bytes, but the file ends %d bytes later: push the complete module",
+				start, n, s.size-s.off)
+		}
+		if err := visit(s, id, start, s.off, end); err != nil {
+			return err
+		}
+		s.seek(end)
+	}
+	return nil
+}
+
+// sectionSpan is one section of a module in memory: code[body:end] are its
+// contents, code[start] its id.
+type sectionSpan struct {
+	id               byte
+	start, body, end int
+}
+
+// reader reads the section's contents.
+func (sc sectionSpan) reader(code []byte) *byteReader {
+	return &byteReader{b: code[:sc.end], i: sc.body}
+}
+
+// sectionsOf lists the sections of code, a module in memory (through
+// walkSections).
+func sectionsOf(code []byte) ([]sectionSpan, error) {
+	var out []sectionSpan
+	err := walkSections(bytes.NewReader(code), int64(len(code)), func(_ *sectionScanner, id byte, start, body, end int64) error {
+		out = append(out, sectionSpan{id: id, start: int(start), body: int(body), end: int(end)})
+		return nil
+	})
+	return out, err
+}
+
 // sectionScanner reads section headers through a small buffer and seeks
 // over section contents.
 type sectionScanner struct {
-	f    *os.File
+	r    io.ReaderAt
 	size int64
-	off  int64 // file offset of the next byte br returns
+	off  int64 // offset of the next byte br returns
 	br   *bufio.Reader
 }
 
@@ -396,7 +453,7 @@ func (s *sectionScanner) seek(off int64) {
 		return
 	}
 	s.off = off
-	r := io.NewSectionReader(s.f, off, s.size-off)
+	r := io.NewSectionReader(s.r, off, s.size-off)
 	if s.br == nil {
 		s.br = bufio.NewReaderSize(r, 4096)
 	} else {
@@ -404,7 +461,8 @@ func (s *sectionScanner) seek(off int64) {
 	}
 }
 
-func (s *sectionScanner) readByte() (byte, error) {
+// ReadByte makes s an io.ByteReader, for readU32.
+func (s *sectionScanner) ReadByte() (byte, error) {
 	b, err := s.br.ReadByte()
 	if err == nil {
 		s.off++
@@ -417,30 +475,32 @@ var (
 	errBadName = errors.New("malformed custom section name")
 )
 
-// readU32 reads an unsigned LEB128 u32 and returns it with its length.
-func (s *sectionScanner) readU32() (uint32, int64, error) {
+// readU32 is the one LEB128 reader: it reads an unsigned LEB128 u32 from
+// r, at most 5 bytes, the 5th holding the top 4 bits. (encoding/binary's
+// ReadUvarint reads up to 64 bits in 10 bytes; Wasm's u32 is narrower.)
+func readU32(r io.ByteReader) (uint32, error) {
 	var v uint32
 	for i := range 5 {
-		b, err := s.readByte()
+		b, err := r.ReadByte()
 		if err != nil {
-			return 0, 0, err
+			return 0, err
 		}
 		if i == 4 && b&0xF0 != 0 { // continuation bit, or bits past 32
-			return 0, 0, errBadLEB
+			return 0, errBadLEB
 		}
 		v |= uint32(b&0x7F) << (7 * i)
 		if b&0x80 == 0 {
-			return v, int64(i + 1), nil
+			return v, nil
 		}
 	}
-	return 0, 0, errBadLEB
+	return 0, errBadLEB
 }
 
 // readCustomName reads the name of a custom section ending at end, checks
 // that it is UTF-8 within the section, and reports whether it is "name".
 // Names are read in chunks: a name may be as long as the file.
 func (s *sectionScanner) readCustomName(end int64) (bool, error) {
-	n, _, err := s.readU32()
+	n, err := readU32(s)
 	if err != nil {
 		return false, err
 	}
@@ -651,13 +711,10 @@ const allocatorType = "(i32)->i32"
 // maxProblems is how many broken rules a refusal lists.
 const maxProblems = 5
 
-// checkProxyWasm applies the proxy-wasm rules to a module wazero compiled
-// from code.
-func checkProxyWasm(cm wazero.CompiledModule, code []byte) error {
-	imports, exports, err := parseImportsExports(code)
-	if err != nil {
-		return refuse("is not valid WebAssembly: %v: rebuild it", err)
-	}
+// checkProxyWasm applies the proxy-wasm rules to a module wazero compiled,
+// mod being what parseModule read of it.
+func checkProxyWasm(cm wazero.CompiledModule, mod module) error {
+	imports, exports := mod.imports, mod.exports
 	var problems []string
 	add := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
 
@@ -804,6 +861,7 @@ const (
 type wasmImport struct {
 	module, name string
 	kind         byte
+	minPages     uint32 // of a memory
 }
 
 type wasmExport struct {
@@ -811,24 +869,49 @@ type wasmExport struct {
 	kind byte
 }
 
-// parseImportsExports returns the imports and the exports of a module in
-// their order in the binary (wazero gives exports as a map, but Envoy's
-// choice of ABI depends on their order, and wazero does not list imported
-// globals). code has been validated by wazero already.
-func parseImportsExports(code []byte) ([]wasmImport, []wasmExport, error) {
-	r := &byteReader{b: code, i: HeaderSize}
-	var imports []wasmImport
-	var exports []wasmExport
-	for r.i < len(r.b) {
-		id := r.byte()
-		size := r.u32()
-		if r.err != nil || int(size) > len(r.b)-r.i {
-			return nil, nil, errors.New("malformed section")
+// module is what parseModule reads of a module.
+type module struct {
+	imports []wasmImport
+	exports []wasmExport
+	// memories are the initial sizes, in pages, of the memories it defines.
+	memories []uint32
+}
+
+// errMemoryOverLimit: a memory starts larger than Envoy gives a module.
+var errMemoryOverLimit = errors.New("over Envoy's memory limit")
+
+// checkMemory returns an error wrapping errMemoryOverLimit if a memory the
+// module defines or imports starts larger than envoyMaxMemoryPages (V8
+// refuses it; a larger maximum is only capped, by wazero too).
+func (m module) checkMemory() error {
+	for i, pages := range m.memories {
+		if pages > envoyMaxMemoryPages {
+			return fmt.Errorf("memory %d starts at %d pages: %w of %d pages", i, pages, errMemoryOverLimit, envoyMaxMemoryPages)
 		}
-		sec := &byteReader{b: r.b[:r.i+int(size)], i: r.i}
-		r.i += int(size)
+	}
+	for _, im := range m.imports {
+		if im.kind == externMemory && im.minPages > envoyMaxMemoryPages {
+			return fmt.Errorf("imported memory %s.%s starts at %d pages: %w of %d pages", im.module, im.name, im.minPages, errMemoryOverLimit, envoyMaxMemoryPages)
+		}
+	}
+	return nil
+}
+
+// parseModule returns the imports and the exports of a module in their
+// order in the binary (wazero gives exports as a map, but Envoy's choice of
+// ABI depends on their order, and wazero does not list imported globals),
+// and its memories' initial sizes (wazero refuses a memory over the limit
+// with only a message).
+func parseModule(code []byte) (module, error) {
+	var m module
+	secs, err := sectionsOf(code)
+	if err != nil {
+		return m, errors.New("malformed section")
+	}
+	for _, sc := range secs {
+		id, sec := sc.id, sc.reader(code)
 		switch id {
-		case 2: // import
+		case sectionImport:
 			for n := sec.u32(); n > 0 && sec.err == nil; n-- {
 				im := wasmImport{module: sec.name(), name: sec.name(), kind: sec.byte()}
 				switch im.kind {
@@ -838,27 +921,31 @@ func parseImportsExports(code []byte) ([]wasmImport, []wasmExport, error) {
 					sec.byte()
 					sec.limits()
 				case externMemory:
-					sec.limits()
+					im.minPages = sec.limits()
 				case externGlobal:
 					sec.byte()
 					sec.byte()
 				default:
-					return nil, nil, fmt.Errorf("import %s.%s of unknown kind %d", im.module, im.name, im.kind)
+					return m, fmt.Errorf("import %s.%s of unknown kind %d", im.module, im.name, im.kind)
 				}
-				imports = append(imports, im)
+				m.imports = append(m.imports, im)
 			}
-		case 7: // export
+		case sectionMemory:
+			for n := sec.u32(); n > 0 && sec.err == nil; n-- {
+				m.memories = append(m.memories, sec.limits())
+			}
+		case sectionExport:
 			for n := sec.u32(); n > 0 && sec.err == nil; n-- {
 				e := wasmExport{name: sec.name(), kind: sec.byte()}
 				sec.u32()
-				exports = append(exports, e)
+				m.exports = append(m.exports, e)
 			}
 		}
 		if sec.err != nil {
-			return nil, nil, fmt.Errorf("section %d: %w", id, sec.err)
+			return m, fmt.Errorf("section %d: %w", id, sec.err)
 		}
 	}
-	return imports, exports, nil
+	return m, nil
 }
 
 // byteReader reads Wasm binary values from b; the first error sticks.
@@ -870,32 +957,31 @@ type byteReader struct {
 
 var errShort = errors.New("unexpected end of section")
 
-func (r *byteReader) byte() byte {
+// ReadByte makes r an io.ByteReader, for readU32.
+func (r *byteReader) ReadByte() (byte, error) {
 	if r.err != nil {
-		return 0
+		return 0, r.err
 	}
 	if r.i >= len(r.b) {
 		r.err = errShort
-		return 0
+		return 0, r.err
 	}
 	r.i++
-	return r.b[r.i-1]
+	return r.b[r.i-1], nil
+}
+
+func (r *byteReader) byte() byte {
+	b, _ := r.ReadByte()
+	return b
 }
 
 func (r *byteReader) u32() uint32 {
-	var v uint32
-	for i := range 5 {
-		b := r.byte()
-		if r.err != nil {
-			return 0
-		}
-		v |= uint32(b&0x7F) << (7 * i)
-		if b&0x80 == 0 {
-			return v
-		}
+	v, err := readU32(r)
+	if err != nil {
+		r.err = err
+		return 0
 	}
-	r.err = errBadLEB
-	return 0
+	return v
 }
 
 func (r *byteReader) name() string {
@@ -911,10 +997,12 @@ func (r *byteReader) name() string {
 	return string(r.b[r.i-int(n) : r.i])
 }
 
-func (r *byteReader) limits() {
+// limits reads a table's or a memory's limits and returns the minimum.
+func (r *byteReader) limits() (minimum uint32) {
 	flags := r.byte()
-	r.u32() // min
+	minimum = r.u32()
 	if flags&1 != 0 {
 		r.u32() // max
 	}
+	return minimum
 }

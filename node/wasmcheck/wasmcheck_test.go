@@ -296,6 +296,11 @@ func TestValidateHandMadeModules(t *testing.T) {
 			proxyOnly("imports the global env.__stack_pointer, and Envoy links no imported globals")},
 		{"imported memory", handModule{imports: []handImport{
 			{module: "env", name: "memory", desc: []byte{0x02, 0x00, 0x01}}}}, passAll},
+		{"imported memory over 1 GiB", handModule{imports: []handImport{
+			{module: "env", name: "memory", desc: cat([]byte{0x02, 0x00}, leb(16385))}}},
+			wasmUp("asks for more memory than Envoy gives a module (16384 pages, 1 GiB)|imported memory env.memory starts at 16385 pages|lower its initial memory")},
+		{"imported memory of 1 GiB", handModule{imports: []handImport{
+			{module: "env", name: "memory", desc: cat([]byte{0x02, 0x00}, leb(16384))}}}, passAll},
 		{"imported table", handModule{memory: true, imports: []handImport{
 			{module: "env", name: "table", desc: []byte{0x01, 0x70, 0x00, 0x01}}}}, passAll},
 		{"i64 import", handModule{memory: true, imports: []handImport{
@@ -392,6 +397,26 @@ func TestValidatePaddedModule(t *testing.T) {
 	for _, mode := range allModes {
 		if alloc := allocated(t, func() error { return CheckFile(path, mode) }); alloc > 2<<20 {
 			t.Errorf("mode %s: validating a %d MiB module allocated %d KiB", mode, size>>20, alloc>>10)
+		}
+	}
+}
+
+// TestMemoryOverLimitIsSentinel: the memory refusal is recognised by
+// errors.Is on errMemoryOverLimit, not by wazero's message.
+func TestMemoryOverLimitIsSentinel(t *testing.T) {
+	for _, tc := range []struct {
+		mod  []byte
+		want bool
+	}{
+		{wasmgen.ProxyWasm(wasmgen.Options{MinMemoryPages: 16384}), false},
+		{wasmgen.ProxyWasm(wasmgen.Options{MinMemoryPages: 16385}), true},
+	} {
+		m, err := parseModule(tc.mod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := errors.Is(m.checkMemory(), errMemoryOverLimit); got != tc.want {
+			t.Errorf("memories %v: over the limit %v, want %v", m.memories, got, tc.want)
 		}
 	}
 }
