@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/wasm-csi/wasm-csi/puller/errdefs"
+	"github.com/wasm-csi/wasm-csi/puller/imagematch"
 )
 
 const img = "ghcr.io/acme/x:1"
@@ -88,11 +89,31 @@ func TestCodeOf(t *testing.T) {
 	}
 }
 
-// notFromCalls are sentinels of config-file parsing: a CSI call never
-// returns them, so they need no code.
+// notFromCalls are sentinels no CSI call returns as its error's kind, so
+// they need no code of their own:
+//   - imagematch.ErrInvalidPattern comes only from loading the config file
+//     (registries.allowed and verification policy patterns, in
+//     config.FileConfig and Service.Reconfigure). A call sees it only when
+//     the file was refused at start, as the cause of an ErrConfigInvalid
+//     refusal (node's TestRefusedConfigPatternReachesPublishAsCause);
+//     TestExemptOnlyAsCause checks that the kind decides the code then.
+//   - errdefs.ErrStoreFormat comes only from store.Open and
+//     store.OpenReadOnly: at start (the driver does not start on a store it
+//     cannot read) and in `wasm-csi-driver inspect`. No call opens the store.
 var notFromCalls = []string{
-	"imagematch.ErrInvalidPattern", // registries.allowed and policy patterns, checked when the config loads
-	"errdefs.ErrStoreFormat",       // store.Open at start: the driver does not start on a store it cannot read
+	"imagematch.ErrInvalidPattern",
+	"errdefs.ErrStoreFormat",
+}
+
+// TestExemptOnlyAsCause: a config refused at start because of a bad
+// pattern fails publishes with ErrConfigInvalid's code, the pattern error
+// being its cause.
+func TestExemptOnlyAsCause(t *testing.T) {
+	cause := fmt.Errorf("registries.allowed[0]: %w", imagematch.ErrInvalidPattern)
+	err := errdefs.New(errdefs.ErrConfigInvalid, img, cause, "the driver's config file was refused at start")
+	if got := codeOf(err); got != codes.FailedPrecondition {
+		t.Errorf("codeOf(ErrConfigInvalid caused by ErrInvalidPattern) = %v, want %v", got, codes.FailedPrecondition)
+	}
 }
 
 // TestSentinelsCovered fails when the driver's sources gain an exported
