@@ -188,24 +188,6 @@ func TestConfigWatcherMissingFile(t *testing.T) {
 	}
 }
 
-// logCounter counts the lines of a slog text handler containing a string.
-type logCounter struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (l *logCounter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logCounter) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.buf.String(), s)
-}
-
 // refusals counts what a Watcher reports to Refused.
 type refusals struct {
 	mu sync.Mutex
@@ -217,9 +199,9 @@ func (r *refusals) add(error) { r.mu.Lock(); r.n++; r.mu.Unlock() }
 func (r *refusals) count() int { r.mu.Lock(); defer r.mu.Unlock(); return r.n }
 
 // startWatcher loads path and runs a watcher on it until the test ends.
-func startWatcher(t *testing.T, path string) (*Watcher, *applied, *logCounter, *refusals) {
+func startWatcher(t *testing.T, path string) (*Watcher, *applied, *testlog.Buffer, *refusals) {
 	t.Helper()
-	logs := &logCounter{}
+	logs := &testlog.Buffer{}
 	a := &applied{}
 	refused := &refusals{}
 	w := &Watcher{Path: path, Log: slog.New(slog.NewTextHandler(logs, nil)), Apply: a.apply, Debounce: 20 * time.Millisecond,
@@ -253,7 +235,7 @@ func TestConfigWatcherIgnoresOtherFiles(t *testing.T) {
 	writeFile(t, cfg, "validation: wasm\n")
 	_, a, logs, refused := startWatcher(t, cfg)
 	writeFile(t, cfg, "validation: bogus\n")
-	waitFor(t, "the refusal", func() bool { return logs.count("config not applied") == 1 })
+	waitFor(t, "the refusal", func() bool { return logs.Count("config not applied") == 1 })
 	logf := filepath.Join(dir, "driver.log")
 	for i := 0; i < 30; i++ {
 		f, err := os.OpenFile(logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
@@ -265,8 +247,8 @@ func TestConfigWatcherIgnoresOtherFiles(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	time.Sleep(200 * time.Millisecond) // ten debounce periods
-	if n := logs.count("config not applied"); n != 1 {
-		t.Errorf("the refusal was logged %d times, want once:\n%s", n, logs.buf.String())
+	if n := logs.Count("config not applied"); n != 1 {
+		t.Errorf("the refusal was logged %d times, want once:\n%s", n, logs.String())
 	}
 	if refused.count() != 1 {
 		t.Errorf("Refused was called %d times, want once", refused.count())
@@ -287,21 +269,21 @@ func TestConfigWatcherLogsOncePerContent(t *testing.T) {
 	_, a, logs, refused := startWatcher(t, cfg)
 	_, n0 := a.last()
 	writeFile(t, cfg, "validation: bogus\n")
-	waitFor(t, "the first refusal", func() bool { return logs.count("config not applied") == 1 })
+	waitFor(t, "the first refusal", func() bool { return logs.Count("config not applied") == 1 })
 	writeFile(t, cfg, "validation: bogus\n")
 	time.Sleep(200 * time.Millisecond)
-	if n := logs.count("config not applied"); n != 1 {
+	if n := logs.Count("config not applied"); n != 1 {
 		t.Errorf("the same bad content was logged %d times, want once", n)
 	}
 	writeFile(t, cfg, "registries: [not, a, mapping\n")
-	waitFor(t, "the second refusal", func() bool { return logs.count("config not applied") == 2 })
+	waitFor(t, "the second refusal", func() bool { return logs.Count("config not applied") == 2 })
 	if refused.count() != 2 {
 		t.Errorf("Refused was called %d times, want 2", refused.count())
 	}
 	writeFile(t, cfg, "validation: wasm\n") // the last good content again
 	waitFor(t, "the good file", func() bool { _, n := a.last(); return n == n0+1 })
 	writeFile(t, cfg, "validation: bogus\n") // bad again: a new refusal
-	waitFor(t, "the third refusal", func() bool { return logs.count("config not applied") == 3 })
+	waitFor(t, "the third refusal", func() bool { return logs.Count("config not applied") == 3 })
 }
 
 // TestConfigWatcherRefusals: an oversized file and a config Apply refuses

@@ -232,24 +232,10 @@ func validationLayer(t *testing.T, f *validationFixture) digest.Digest {
 // header is valid and a section runs past the end of the file.
 func validationTruncate(t *testing.T, mod []byte) []byte {
 	t.Helper()
-	off, last := 8, 0
-	for off < len(mod) {
-		last = off
-		off++ // section id
-		var size, shift int
-		for {
-			b := mod[off]
-			off++
-			size |= int(b&0x7f) << shift
-			shift += 7
-			if b&0x80 == 0 {
-				break
-			}
-		}
-		off += size
+	secs, err := wasmgen.Sections(mod)
+	if err != nil || len(secs) == 0 || len(mod)-secs[len(secs)-1].Start < 4 {
+		t.Fatalf("cannot find the last section of a %d-byte module: %v", len(mod), err)
 	}
-	if off != len(mod) || len(mod)-last < 4 {
-		t.Fatalf("cannot find the last section of a %d-byte module", len(mod))
-	}
+	last := secs[len(secs)-1].Start
 	return mod[:last+(len(mod)-last)/2]
 }

@@ -391,26 +391,37 @@ func (e *Env) startEtcd(ctx context.Context, bin string) error {
 		default:
 			env = append(env, "ETCD_UNSUPPORTED_ARCH="+runtime.GOARCH) // etcd 3.4 asks for it on arm64
 		}
-		p, err := startProc("etcd", bin, args, e.EtcdLog, env)
-		if err != nil {
-			return err
-		}
-		e.etcd = p
-		e.EtcdURL = clientURL
-		err = waitFor(ctx, p, func(ctx context.Context) error {
+		p, portTaken, err := startReady(ctx, "etcd", bin, args, e.EtcdLog, env, 5*time.Second, 30, func(ctx context.Context) error {
 			return etcdHealthy(ctx, clientURL)
 		})
 		if err == nil {
+			e.etcd, e.EtcdURL = p, clientURL
 			return nil
 		}
-		_ = p.stop(5 * time.Second)
-		e.etcd = nil
-		lastErr = fmt.Errorf("etcd did not start: %w\netcd log tail:\n%s", err, e.EtcdLogTail(30))
-		if !p.exitedFor("address already in use") {
+		if lastErr = err; !portTaken {
 			return lastErr
 		}
 	}
 	return lastErr
+}
+
+// startReady starts bin (logging to logPath) and waits until ready
+// passes. A process that does not get there is stopped (waiting up to
+// grace) and the error carries the last tail lines of its log; portTaken
+// says it exited because its port was in use, so that the caller tries
+// other ports.
+func startReady(ctx context.Context, name, bin string, args []string, logPath string, env []string,
+	grace time.Duration, tail int, ready func(context.Context) error) (p *proc, portTaken bool, err error) {
+	p, err = startProc(name, bin, args, logPath, env)
+	if err != nil {
+		return nil, false, err
+	}
+	if err = waitFor(ctx, p, ready); err == nil {
+		return p, false, nil
+	}
+	_ = p.stop(grace)
+	return nil, p.exitedFor("address already in use"),
+		fmt.Errorf("%s did not become ready: %w\n%s log tail:\n%s", name, err, name, tailFile(logPath, tail))
 }
 
 func etcdHealthy(ctx context.Context, clientURL string) error {
@@ -485,19 +496,12 @@ func (e *Env) startAPIServer(ctx context.Context, bin string, extra []string) er
 			return err
 		}
 		args := append(e.apiServerArgs(port), extra...)
-		p, err := startProc("kube-apiserver", bin, args, e.APIServerLog, nil)
-		if err != nil {
-			return err
-		}
-		e.apiserver = p
-		err = waitFor(ctx, p, e.ready)
+		p, portTaken, err := startReady(ctx, "kube-apiserver", bin, args, e.APIServerLog, nil, 10*time.Second, 40, e.ready)
 		if err == nil {
+			e.apiserver = p
 			return nil
 		}
-		_ = p.stop(10 * time.Second)
-		e.apiserver = nil
-		lastErr = fmt.Errorf("kube-apiserver did not become ready: %w\nkube-apiserver log tail:\n%s", err, e.APIServerLogTail(40))
-		if !p.exitedFor("address already in use") {
+		if lastErr = err; !portTaken {
 			return lastErr
 		}
 	}

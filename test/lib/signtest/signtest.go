@@ -294,10 +294,7 @@ func PushBundleReferrer(t testing.TB, repo string, d digest.Digest, bundle []byt
 func pushReferrer(t testing.TB, repo string, d digest.Digest, artifactType string, layer registrytest.Blob) ocispec.Descriptor {
 	t.Helper()
 	ctx := context.Background()
-	r, err := registrytest.Repository(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := repository(t, repo)
 	subject, err := r.Resolve(ctx, d.String())
 	if err != nil {
 		t.Fatal(err)
@@ -371,6 +368,7 @@ func ReadCosignSignature(t testing.TB, repo string, d digest.Digest) []CosignLay
 // sigTag is the tag cosign keeps d's signatures under: "sha256-<hex>.sig".
 func sigTag(d digest.Digest) string { return d.Algorithm().String() + "-" + d.Encoded() + ".sig" }
 
+// repository is registrytest.Repository(repo), failing t on an error.
 func repository(t testing.TB, repo string) *remote.Repository {
 	t.Helper()
 	r, err := registrytest.Repository(repo)
@@ -411,10 +409,7 @@ func fetchBlob(t testing.TB, r *remote.Repository, desc ocispec.Descriptor) []by
 func Referrers(t testing.TB, repo string, d digest.Digest) []ocispec.Descriptor {
 	t.Helper()
 	ctx := context.Background()
-	r, err := registrytest.Repository(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := repository(t, repo)
 	subject, err := r.Resolve(ctx, d.String())
 	if err != nil {
 		t.Fatal(err)
@@ -457,10 +452,7 @@ func JunkReferrers(t testing.TB, repo string, d digest.Digest, n int, artifactTy
 	idx := ocispec.Index{MediaType: ocispec.MediaTypeImageIndex, Manifests: list}
 	idx.SchemaVersion = 2
 	b, _ := json.Marshal(idx)
-	r, err := registrytest.Repository(repo)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := repository(t, repo)
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageIndex, Digest: digest.FromBytes(b), Size: int64(len(b))}
 	if err := r.Manifests().PushReference(context.Background(), desc, bytes.NewReader(b), d.Algorithm().String()+"-"+d.Encoded()); err != nil {
 		t.Fatal(err)
@@ -510,10 +502,7 @@ func (c *NotaryCA) Sign(t testing.TB, repo string, d digest.Digest) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := registrytest.Repository(repo + "@" + d.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := repository(t, repo+"@"+d.String())
 	_, err = notation.Sign(context.Background(), s, nregistry.NewRepository(r), notation.SignOptions{
 		ArtifactReference: repo + "@" + d.String(),
 		SignerSignOptions: notation.SignerSignOptions{SignatureMediaType: "application/jose+json"},

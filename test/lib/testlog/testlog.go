@@ -5,6 +5,7 @@ package testlog
 
 import (
 	"bytes"
+	"strings"
 	"sync"
 )
 
@@ -25,4 +26,9 @@ func (l *Buffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// Count is how many times s occurs in what was written so far.
+func (l *Buffer) Count(s string) int {
+	return strings.Count(l.String(), s)
 }

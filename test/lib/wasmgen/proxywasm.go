@@ -314,15 +314,39 @@ func Truncated() []byte {
 // findSection returns the payload offset and size of the first section with
 // the given id.
 func findSection(mod []byte, id byte) (start, size int, err error) {
+	secs, err := Sections(mod)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, s := range secs {
+		if s.ID == id {
+			return s.Payload, s.End - s.Payload, nil
+		}
+	}
+	return 0, 0, fmt.Errorf("wasmgen: no section %d", id)
+}
+
+// Section is where one section of a module lies: mod[Start] is its id,
+// mod[Payload:End] its contents.
+type Section struct {
+	ID                  byte
+	Start, Payload, End int
+}
+
+// Sections lists the sections of mod (a module with its 8-byte header), in
+// order, for tests that cut or change a module where a section lies. A
+// section size that is not a LEB128 u32 or runs past the end is an error.
+func Sections(mod []byte) ([]Section, error) {
+	var out []Section
 	off := len(wasmMagic) + len(wasmVersion)
 	for off < len(mod) {
-		secID := mod[off]
+		s := Section{ID: mod[off], Start: off}
 		off++
 		var v uint32
 		var shift uint
 		for {
 			if off >= len(mod) || shift > 28 {
-				return 0, 0, errors.New("wasmgen: bad section size")
+				return nil, errors.New("wasmgen: bad section size")
 			}
 			c := mod[off]
 			off++
@@ -332,10 +356,12 @@ func findSection(mod []byte, id byte) (start, size int, err error) {
 				break
 			}
 		}
-		if secID == id {
-			return off, int(v), nil
+		s.Payload, s.End = off, off+int(v)
+		if s.End > len(mod) {
+			return nil, fmt.Errorf("wasmgen: section %d at %d runs past the end", s.ID, s.Start)
 		}
-		off += int(v)
+		out = append(out, s)
+		off = s.End
 	}
-	return 0, 0, fmt.Errorf("wasmgen: no section %d", id)
+	return out, nil
 }

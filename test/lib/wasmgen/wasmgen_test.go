@@ -449,3 +449,26 @@ func allI32(types []api.ValueType, n int) bool {
 	}
 	return true
 }
+
+// TestSections: the sections of a generated module tile it after the
+// header, and a cut module is an error.
+func TestSections(t *testing.T) {
+	mod := ProxyWasm(Options{})
+	secs, err := Sections(mod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := 8
+	for _, s := range secs {
+		if s.Start != next || s.Payload <= s.Start || s.End < s.Payload {
+			t.Fatalf("section %+v does not follow at %d", s, next)
+		}
+		next = s.End
+	}
+	if next != len(mod) {
+		t.Errorf("sections end at %d of %d bytes", next, len(mod))
+	}
+	if _, err := Sections(Truncated()); err == nil {
+		t.Error("Sections of a truncated module: no error")
+	}
+}
