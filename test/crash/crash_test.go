@@ -630,6 +630,12 @@ func (c *crashTest) checkInvariants(when string) {
 		t.Fatal(err)
 	}
 
+	// No download is in flight at start: the records of pulls the kill
+	// cut (what inspect lists) are gone with their temp files.
+	if left, err := os.ReadDir(filepath.Join(root, "pulls")); err != nil || len(left) != 0 {
+		t.Errorf("%s: pulls/ after the start: %v, %v", when, left, err)
+	}
+
 	// Every blob is named by the sha256 of its bytes: nothing partial.
 	blobDir := filepath.Join(root, "blobs", "sha256")
 	entries, err := os.ReadDir(blobDir)
