@@ -294,11 +294,7 @@ func PushBundleReferrer(t testing.TB, repo string, d digest.Digest, bundle []byt
 func pushReferrer(t testing.TB, repo string, d digest.Digest, artifactType string, layer registrytest.Blob) ocispec.Descriptor {
 	t.Helper()
 	ctx := context.Background()
-	r := repository(t, repo)
-	subject, err := r.Resolve(ctx, d.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, subject := resolve(t, repo, d)
 	cfg := []byte("{}")
 	cfgDesc := ocispec.Descriptor{MediaType: "application/vnd.oci.empty.v1+json", Digest: digest.FromBytes(cfg), Size: int64(len(cfg))}
 	lDesc := ocispec.Descriptor{MediaType: layer.MediaType, Digest: digest.FromBytes(layer.Data), Size: int64(len(layer.Data))}
@@ -378,6 +374,17 @@ func repository(t testing.TB, repo string) *remote.Repository {
 	return r
 }
 
+// resolve returns repo and the descriptor of d in it.
+func resolve(t testing.TB, repo string, d digest.Digest) (*remote.Repository, ocispec.Descriptor) {
+	t.Helper()
+	r := repository(t, repo)
+	desc, err := r.Resolve(context.Background(), d.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, desc
+}
+
 // fetchManifest returns the image manifest at reference (a tag or a
 // digest) in r: its descriptor, its bytes (checked against the
 // descriptor) and what they say.
@@ -409,11 +416,7 @@ func fetchBlob(t testing.TB, r *remote.Repository, desc ocispec.Descriptor) []by
 func Referrers(t testing.TB, repo string, d digest.Digest) []ocispec.Descriptor {
 	t.Helper()
 	ctx := context.Background()
-	r := repository(t, repo)
-	subject, err := r.Resolve(ctx, d.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, subject := resolve(t, repo, d)
 	var out []ocispec.Descriptor
 	if err := r.Referrers(ctx, subject, "", func(rs []ocispec.Descriptor) error { out = append(out, rs...); return nil }); err != nil {
 		t.Fatal(err)
