@@ -16,7 +16,12 @@ import (
 // req.FileName, read-only. It is idempotent and undoes partial work on failure.
 func (s *Service) Publish(ctx context.Context, req PublishRequest) (err error) {
 	start := time.Now()
-	defer func() { s.cfg.Metrics.Published(err, time.Since(start)) }()
+	defer func() {
+		s.cfg.Metrics.Published(err, time.Since(start))
+		// The memory a burst of publishes leaves goes back a few seconds
+		// after the last one, not only after the last download.
+		s.slots.Poke()
+	}()
 	unlock := s.locks.Lock(req.VolumeID)
 	defer unlock()
 	image := req.Image.Original

@@ -173,6 +173,21 @@ func (s *Slots) OnIdle(d time.Duration, fn func()) {
 	s.idleDelay, s.idleFn = d, fn
 }
 
+// Poke restarts the idle delay as a download would, for work done without
+// one: a burst's last publishes, kubelet's retries served from the store
+// after their pulls, come after the last download and leave garbage of
+// their own.
+func (s *Slots) Poke() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.gen++
+	if s.idleTimer != nil {
+		s.idleTimer.Stop()
+		s.idleTimer = nil
+	}
+	s.armIdle()
+}
+
 // armIdle starts the idle timer when the last download is done. s.mu is held.
 func (s *Slots) armIdle() {
 	if s.idleFn == nil || s.nRun > 0 || s.nWait > 0 || s.nRes > 0 {

@@ -279,3 +279,35 @@ func TestResolveSlots(t *testing.T) {
 		}
 	}
 }
+
+// TestPoke: work without a download (publishes served from the store after
+// a burst) restarts the idle delay too, but never while a download runs.
+func TestPoke(t *testing.T) {
+	s := New(1)
+	calls := make(chan struct{}, 4)
+	s.OnIdle(50*time.Millisecond, func() { calls <- struct{}{} })
+	r := mustAcquire(t, s, "a")
+	s.Poke()
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran after a Poke while a download was running")
+	case <-time.After(200 * time.Millisecond):
+	}
+	r()
+	select {
+	case <-calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("OnIdle did not run after the download")
+	}
+	s.Poke()
+	select {
+	case <-calls:
+	case <-time.After(10 * time.Second):
+		t.Fatal("OnIdle did not run after a Poke with no download")
+	}
+	select {
+	case <-calls:
+		t.Fatal("OnIdle ran twice for one Poke")
+	case <-time.After(200 * time.Millisecond):
+	}
+}
