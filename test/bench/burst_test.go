@@ -182,6 +182,7 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	}
 	time.Sleep(settle)
 	rest := rssKiB(b, d.Pid(), "VmRSS")
+	profileAfter(b, d)
 	b.Logf("%d publishes served in %v with %d kubelet retries; idle RSS %.1f MiB (anon %.1f, file %.1f), peak %.1f MiB, %v later %.1f MiB (anon %.1f, file %.1f)",
 		len(reqs), elapsed.Round(time.Millisecond), retries.Load(), base/1024, baseAnon/1024, baseFile/1024, hwm/1024, settle, rest/1024,
 		rssKiB(b, d.Pid(), "RssAnon")/1024, rssKiB(b, d.Pid(), "RssFile")/1024)

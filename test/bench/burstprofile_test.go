@@ -90,3 +90,31 @@ func memStats(p []byte) string {
 	}
 	return strings.Join(out, " ")
 }
+
+// profileAfter saves the heap profile of a daemon built with -tags pprof
+// (heap-after.pb.gz) when BURST_PROFILE names a directory: what the burst
+// left once it settled.
+func profileAfter(b *testing.B, d *harness.Daemon) {
+	dir := os.Getenv("BURST_PROFILE")
+	if dir == "" {
+		return
+	}
+	base, err := d.MetricsURL()
+	if err != nil {
+		b.Fatal(err)
+	}
+	resp, err := http.Get(base + "/debug/pprof/heap?gc=1")
+	if err != nil {
+		b.Logf("heap profile: %v", err)
+		return
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	os.WriteFile(filepath.Join(dir, "heap-after.pb.gz"), data, 0o644)
+	resp2, err := http.Get(base + "/debug/pprof/heap?debug=1")
+	if err == nil {
+		data, _ := io.ReadAll(resp2.Body)
+		resp2.Body.Close()
+		b.Logf("after settling: %s", memStats(data))
+	}
+}
