@@ -57,9 +57,10 @@ test: tools build lint
 	$(GO) test -race -count=1 -timeout 20m ./...
 	cd test/monitoring && $(GO) test -race -count=1 -timeout 5m ./...
 
-# Each fuzz target (reference parsing, manifest/format detection, tar
-# extraction) for a short fixed time; the seed corpus under
-# puller/testdata/fuzz runs in plain `go test` too.
+# Each fuzz target (test/fuzz.sh: reference parsing, manifest/format
+# detection, tar extraction, image patterns, credential provider responses,
+# the module validator's section reading) for a short fixed time; the seed
+# corpora (puller/testdata/fuzz, the f.Add seeds) run in plain `go test` too.
 # End to end on a real one-node cluster on 127.0.0.1 (kubelet, containerd,
 # kube-apiserver, controller-manager, scheduler: test/e2e/cluster.sh), the
 # driver installed with `kubectl apply -k test/e2e/overlay`, gateway pods

@@ -541,3 +541,27 @@ func TestValidateWASITypes(t *testing.T) {
 		t.Errorf("%d env functions, want 3 + the 36 of FOR_ALL_HOST_FUNCTIONS", n)
 	}
 }
+
+// FuzzParseModule: the module's own section reading runs on the bytes a
+// registry sent before wazero has validated them, so on any input it
+// returns (a module or an error) without panicking, and its memory check
+// only ever reports errMemoryOverLimit.
+func FuzzParseModule(f *testing.F) {
+	f.Add(wasmgen.ProxyWasm(wasmgen.Options{}))
+	f.Add(wasmgen.ProxyWasm(wasmgen.Options{MinMemoryPages: 65536}))
+	f.Add(wasmgen.Truncated())
+	f.Add([]byte("\x00asm\x01\x00\x00\x00\x02\x05\x01\x00\x00\x02\x00"))
+	f.Fuzz(func(t *testing.T, code []byte) {
+		if len(code) < HeaderSize {
+			return
+		}
+		m, err := parseModule(code)
+		if err != nil {
+			return
+		}
+		if err := m.checkMemory(); err != nil && !errors.Is(err, errMemoryOverLimit) {
+			t.Fatalf("checkMemory: %v", err)
+		}
+		parseCodeLayout(code)
+	})
+}
