@@ -284,6 +284,7 @@ func secret(t *testing.T, name, registry, user string) *puller.Keyring {
 type countingEvents struct {
 	mu       sync.Mutex
 	pulling  int
+	failed   int
 	progress []progressEvent
 	changed  chan struct{}
 }
@@ -317,9 +318,13 @@ func (e *countingEvents) PullProgress(pod PodInfo, _ string, done, total int64) 
 
 func (e *countingEvents) Pulled(PodInfo, string, store.RefRecord, time.Duration) {}
 func (e *countingEvents) AlreadyPresent(PodInfo, string, store.RefRecord)        {}
-func (e *countingEvents) Failed(PodInfo, string, error)                          {}
-func (e *countingEvents) Verified(PodInfo, string, string, string)               {}
-func (e *countingEvents) VerificationFailed(PodInfo, string, string, error)      {}
+func (e *countingEvents) Failed(PodInfo, string, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.failed++
+}
+func (e *countingEvents) Verified(PodInfo, string, string, string)          {}
+func (e *countingEvents) VerificationFailed(PodInfo, string, string, error) {}
 
 // waitPulling waits until n publishes have reached the pull.
 func (e *countingEvents) waitPulling(t *testing.T, n int) {

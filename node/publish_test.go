@@ -455,4 +455,9 @@ func TestQueuedCallersBounded(t *testing.T) {
 	if held := e.svc.held.Load(); held != 0 {
 		t.Errorf("%d publishes still counted as held", held)
 	}
+	e.events.mu.Lock()
+	defer e.events.mu.Unlock()
+	if e.events.failed != 0 {
+		t.Errorf("%d Failed events for publishes whose pulls went on", e.events.failed)
+	}
 }

@@ -74,6 +74,9 @@ func (s *Service) resolve(ctx context.Context, req PublishRequest) (store.RefRec
 	ev := s.cfg.Events
 	switch {
 	case ev == nil:
+	case errors.Is(err, errdefs.ErrPullPending):
+		// Not a failure: the pull goes on and the retry joins it; the
+		// pod has its Pulling event (or the wait for a pull slot).
 	case err != nil:
 		ev.Failed(req.Pod, req.Image.Original, err)
 	case cached:
