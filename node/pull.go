@@ -331,11 +331,28 @@ func (s *Service) resolveAt(ctx context.Context, st *settings, src puller.Refere
 			"waiting to ask the registry for the manifest (%d requests at a time): the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
 	}
 	defer release()
-	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
-	if err != nil {
-		return ocispec.Descriptor{}, puller.Credential{}, err
+	// The request runs on a goroutine of its own, which ends with it: the
+	// HTTP client and the registry code grow a goroutine's stack, and the
+	// pull's goroutine, which may then wait minutes for a download slot,
+	// would keep the grown stack (a burst's ~1,000 queued pulls did).
+	type answer struct {
+		desc ocispec.Descriptor
+		cred puller.Credential
+		err  error
 	}
-	return st.puller.ResolveWith(ctx, src, attempts)
+	ch := make(chan answer, 1)
+	go func() {
+		var a answer
+		attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
+		if err != nil {
+			a.err = err
+		} else {
+			a.desc, a.cred, a.err = st.puller.ResolveWith(ctx, src, attempts)
+		}
+		ch <- a
+	}()
+	a := <-ch
+	return a.desc, a.cred, a.err
 }
 
 // known returns the record of manifest m when its module is on the node
