@@ -461,3 +461,66 @@ func TestQueuedCallersBounded(t *testing.T) {
 		t.Errorf("%d Failed events for publishes whose pulls went on", e.events.failed)
 	}
 }
+
+// TestQueuedPullAbandoned: a queued pull that no publish waits on or asks
+// for within abandonAfter leaves the queue without downloading; one whose
+// pod asks again within it keeps its place and is downloaded once.
+func TestQueuedPullAbandoned(t *testing.T) {
+	one := 1
+	e := newUnitEnv(t, config.FileConfig{Limits: config.LimitsConfig{MaxConcurrentPulls: &one}})
+	e.svc.abandonAfter = 300 * time.Millisecond
+	e.reg.pulling = make(chan struct{}, 10)
+	e.reg.release = make(chan struct{})
+	for _, r := range []string{"acme/first", "acme/gone", "acme/kept"} {
+		e.reg.add(r, "")
+	}
+	first := e.request(t, "vol-first", "reg.example/acme/first:1", "first", PullIfNotPresent)
+	firstDone := make(chan error, 1)
+	go func() { firstDone <- e.svc.Publish(context.Background(), first) }()
+	<-e.reg.pulling // the one slot is taken
+	// Two pods ask for queued pulls and give up at once.
+	gone := e.request(t, "vol-gone", "reg.example/acme/gone:1", "gone", PullIfNotPresent)
+	kept := e.request(t, "vol-kept", "reg.example/acme/kept:1", "kept", PullIfNotPresent)
+	for _, req := range []PublishRequest{gone, kept} {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		if err := e.svc.Publish(ctx, req); !isKind(err, errdefs.ErrPullPending) {
+			t.Fatalf("publish of %s while its pull is queued: %v, want ErrPullPending", req.Image.Original, err)
+		}
+		cancel()
+	}
+	// The kept pod's retries come within abandonAfter; the gone pod's never.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		err := e.svc.Publish(ctx, kept)
+		cancel()
+		if !isKind(err, errdefs.ErrPullPending) {
+			t.Fatalf("retry of the kept pod: %v, want ErrPullPending while the slot is held", err)
+		}
+		if _, waiting := e.svc.slots.Counts(); waiting == 1 {
+			break // the gone pod's pull left the queue
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pull nobody asked for stayed queued")
+		}
+	}
+	if _, waiting := e.svc.slots.Counts(); waiting != 1 {
+		t.Errorf("%d pulls waiting, want the kept pod's only (not queued twice)", waiting)
+	}
+	close(e.reg.release)
+	if err := <-firstDone; err != nil {
+		t.Fatal(err)
+	}
+	if err := e.svc.Publish(context.Background(), kept); err != nil {
+		t.Fatalf("the kept pod: %v", err)
+	}
+	e.published(t, kept, e.reg.images["acme/kept"].body)
+	if got := e.reg.pullCount(); got != 2 {
+		t.Errorf("%d downloads, want 2: the first pod's and the kept pod's, none for the pull nobody asked for", got)
+	}
+	// The gone pod's image is queued again if a pod asks for it.
+	if err := e.svc.Publish(context.Background(), gone); err != nil {
+		t.Fatalf("a new publish of the dropped pull: %v", err)
+	}
+	e.published(t, gone, e.reg.images["acme/gone"].body)
+}

@@ -165,12 +165,14 @@ type pullResult struct {
 // A kubelet call (call true) may be turned away while the pull is queued
 // (holdCaller); a background pull (pre-pull) always waits.
 func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, call bool) (store.RefRecord, bool, string, error) {
+	defer s.askers.ask(ref.String(), time.Now)()
 	ch := s.flight.DoChan(ref.String(), func() (any, error) {
 		// An image that keeps failing is not asked for again before its
 		// damping window ends (damping.go).
 		if err := s.damp.check(ref.String(), acc.key); err != nil {
 			return pullResult{}, err
 		}
+		defer s.askers.forget(ref.String())
 		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PullTimeout)
 		defer cancel()
 		rec, cached, err := s.doPull(pctx, ref, acc)
@@ -382,7 +384,17 @@ func (s *Service) pullSlot(ctx context.Context, ref puller.Reference) (func(), e
 		s.log.Info("waiting for a pull slot", "image", ref.Original, "inFlight", running, "waiting", waiting, "slots", s.slots.Limit())
 	}
 	start := time.Now()
-	release, err := s.slots.Acquire(ctx, key)
+	actx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stop := s.askers.watchAbandon(key, s.abandonAfter, cancel)
+	release, err := s.slots.Acquire(actx, key)
+	stop()
+	if err != nil && errors.Is(context.Cause(actx), errAbandoned) {
+		// Not a failure (not damped, no Failed event): a pod that asks
+		// again queues the pull again.
+		return nil, errdefs.New(errdefs.ErrPullPending, ref.Original, errAbandoned,
+			"the queued pull was dropped: no pod asked for it for %s; the next publish queues it again", s.abandonAfter)
+	}
 	if err != nil {
 		return nil, errdefs.New(errdefs.ErrUnavailable, ref.Original, err,
 			"waited %s for one of the %d pull slots and the download never started; raise limits.maxConcurrentPulls or pre-pull the module", time.Since(start).Round(time.Second), s.slots.Limit())

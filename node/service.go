@@ -193,6 +193,9 @@ type Service struct {
 	slots    *pullslots.Slots
 	waiting  pullWaiters
 	held     atomic.Int64 // publishes waiting in their call for a pull (pull.go holdCaller)
+	askers   askers       // who waits on or asked for each pull (abandon.go)
+	// abandonAfter: a queued pull nobody asked for that long leaves the queue.
+	abandonAfter time.Duration
 
 	cfgStatus configStatus
 
@@ -231,7 +234,8 @@ func NewService(cfg Config, st *store.Store, m Mounter, log *slog.Logger) (*Serv
 		return nil, err
 	}
 	s := &Service{cfg: cfg, store: st, mounter: m, log: log, locks: newKeyedLock(), uses: uses,
-		validate: semaphore.NewWeighted(int64(cfg.MaxConcurrentValidations)), damp: newDamper(nil), slots: cfg.PullSlots}
+		validate: semaphore.NewWeighted(int64(cfg.MaxConcurrentValidations)), damp: newDamper(nil), slots: cfg.PullSlots,
+		abandonAfter: DefaultAbandonAfter}
 	s.slots.OnIdle(memoryReleaseDelay, s.releaseMemory)
 	// Records of volumes kubelet cleaned up while the daemon was down.
 	if _, err := s.reconcile(); err != nil {

@@ -1,0 +1,110 @@
+package node
+
+import (
+	"errors"
+	"sync"
+	"time"
+)
+
+// Queued pulls nobody wants any more. A pull outlives its callers on
+// purpose (kubelet's retry joins it), so a pull whose pods were all deleted
+// would otherwise keep its place in the queue, and then download, until the
+// pull timeout. It leaves the queue once no publish has waited on it or
+// asked for it for abandonAfter, longer than kubelet's longest backoff
+// between two attempts (2m2s): a pod still there has asked again by then.
+//
+// Written here rather than taken from a library: singleflight, which joins
+// the callers of one pull, does not count them.
+
+// DefaultAbandonAfter is how long a queued pull stays without being asked for.
+const DefaultAbandonAfter = 3 * time.Minute
+
+// errAbandoned is the cause of a wait for a pull slot ended by abandonment.
+var errAbandoned = errors.New("no publish asked for the pull")
+
+// askers records, per pull, the publishes waiting on it and when one last
+// asked or left.
+type askers struct {
+	mu sync.Mutex
+	m  map[string]*asked
+}
+
+type asked struct {
+	waiting int
+	last    time.Time
+}
+
+// ask records a caller of the pull of key until done is called.
+func (a *askers) ask(key string, now func() time.Time) (done func()) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.m == nil {
+		a.m = map[string]*asked{}
+	}
+	e := a.m[key]
+	if e == nil {
+		e = &asked{}
+		a.m[key] = e
+	}
+	e.waiting++
+	e.last = now()
+	return func() {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if e.waiting > 0 {
+			e.waiting--
+		}
+		e.last = now()
+	}
+}
+
+// idleFor is how long nobody has waited on or asked for the pull of key: 0
+// while someone waits, or when the pull is not recorded (never abandoned).
+func (a *askers) idleFor(key string, now time.Time) time.Duration {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e := a.m[key]
+	if e == nil || e.waiting > 0 {
+		return 0
+	}
+	return now.Sub(e.last)
+}
+
+// forget drops the record of the pull of key, when the pull ends.
+func (a *askers) forget(key string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.m, key)
+}
+
+// watchAbandon calls cancel(errAbandoned) once the pull of key has gone
+// unasked for after (checked with timers, no goroutine). stop ends the
+// watch.
+func (a *askers) watchAbandon(key string, after time.Duration, cancel func(error)) (stop func()) {
+	var mu sync.Mutex
+	stopped := false
+	var t *time.Timer
+	var check func()
+	check = func() {
+		idle := a.idleFor(key, time.Now())
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		if idle >= after {
+			cancel(errAbandoned)
+			return
+		}
+		t = time.AfterFunc(after-idle, check)
+	}
+	mu.Lock()
+	t = time.AfterFunc(after, check)
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		t.Stop()
+	}
+}
