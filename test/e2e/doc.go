@@ -1,5 +1,6 @@
 // Package e2e is wasm-csi's end-to-end suite: the driver installed with
-// `kubectl apply -k` on a real single-node cluster (kubelet, containerd,
+// the Helm chart (then uninstalled) and with `kubectl apply -k` on a real
+// single-node cluster (kubelet, containerd,
 // kube-apiserver, controller-manager, scheduler, all on 127.0.0.1) that
 // test/e2e/cluster.sh builds and starts on this machine, and gateway pods
 // that load their Wasm modules from the driver's volumes.
@@ -11,7 +12,7 @@
 //
 // Needs: the cluster up (root to bring it up: cluster.sh mounts, runs
 // kubelet and containerd, edits /etc/hosts), kubectl, distribution's
-// registry (bin/registry) and the cosign CLI (bin/cosign).
+// registry (bin/registry), the cosign CLI (bin/cosign) and helm (bin/helm).
 //
 // Environment: WASM_CSI_E2E_KUBECONFIG (default
 // /var/lib/wasm-csi-e2e/pki/admin.kubeconfig), WASM_CSI_E2E_NODE (default

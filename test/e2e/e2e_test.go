@@ -108,6 +108,13 @@ func TestE2E(t *testing.T) {
 	authReg := registrytest.StartT(t, registrytest.Options{Htpasswd: map[string]string{user: password}})
 	t.Logf("registries: open %s (proxy %s), htpasswd %s", reg.Host(), reg.ProxyHost(), authReg.Host())
 
+	// First the Helm chart, installed, shown serving a gateway, and
+	// uninstalled; then the kustomize install the rest of the suite uses.
+	t.Run("helm install: the chart's driver serves a gateway, then uninstalls", func(t *testing.T) {
+		modH := newModule(t, run, "helm", reg.Host()+"/e2e/filter-helm:1.0", reg.ProxyHost()+"/e2e/filter-helm:1.0")
+		testHelmInstall(t, c.with(t), modH)
+	})
+
 	if !t.Run("install", func(t *testing.T) { testInstall(t, c.with(t)) }) {
 		t.FailNow()
 	}
