@@ -15,6 +15,20 @@ import (
 // checked (a newer store is refused as by Open), but nothing is created,
 // cleaned up or migrated.
 func OpenReadOnly(root string) (*Store, error) {
+	s, err := openChecked(root)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(s.blobDir()); err != nil {
+		return nil, storageError(err, "reading the store at "+root)
+	}
+	return s, nil
+}
+
+// openChecked is what Open and OpenReadOnly share: a Store at root whose
+// format version was read and accepted (a newer store is refused) and
+// recorded as found, before either changes or reads anything else.
+func openChecked(root string) (*Store, error) {
 	s := &Store{root: root}
 	v, err := s.readFormat()
 	if err != nil {
@@ -22,9 +36,6 @@ func OpenReadOnly(root string) (*Store, error) {
 	}
 	if err := s.checkFormat(v); err != nil {
 		return nil, err
-	}
-	if _, err := os.Stat(s.blobDir()); err != nil {
-		return nil, storageError(err, "reading the store at "+root)
 	}
 	s.foundAt = v
 	return s, nil

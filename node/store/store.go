@@ -67,15 +67,10 @@ const tmpPrefix = ".tmp-"
 // driver is refused (errdefs.ErrStoreFormat) before anything is changed,
 // and an older one is migrated to FormatVersion (see format.go).
 func Open(root string) (*Store, error) {
-	s := &Store{root: root}
-	v, err := s.readFormat()
+	s, err := openChecked(root)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.checkFormat(v); err != nil {
-		return nil, err
-	}
-	s.foundAt = v
 	for _, d := range []string{s.blobDir(), s.refDir(), s.viewRoot(), s.volumeDir(), s.roRoot(), s.EmptyDir()} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("creating store directory %s: %w", d, err)
@@ -89,8 +84,8 @@ func Open(root string) (*Store, error) {
 	if err := s.clearPulls(); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(s.formatPath()); v < FormatVersion || errors.Is(err, os.ErrNotExist) {
-		if err := s.migrate(v); err != nil {
+	if _, err := os.Stat(s.formatPath()); s.foundAt < FormatVersion || errors.Is(err, os.ErrNotExist) {
+		if err := s.migrate(s.foundAt); err != nil {
 			return nil, err
 		}
 	}
