@@ -1,6 +1,7 @@
 package node
 
 import (
+	"runtime"
 	"runtime/debug"
 	"time"
 )
@@ -16,6 +17,11 @@ const memoryReleaseDelay = 5 * time.Second
 // (minutes on an idle daemon); a node that took a burst would carry it.
 func (s *Service) releaseMemory() {
 	s.cfg.Puller.Buffers.Trim()
+	// Two collections: the first moves what sync.Pools hold (gRPC's and
+	// HTTP/2's buffers among them) to their victim caches, the second
+	// frees those, so the memory goes back now rather than at a later
+	// collection.
+	runtime.GC()
 	debug.FreeOSMemory()
 	s.log.Debug("pulls done: memory given back to the system")
 }

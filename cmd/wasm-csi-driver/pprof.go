@@ -5,6 +5,9 @@ package main
 import (
 	"net/http"
 	"net/http/pprof"
+	"os"
+	"runtime"
+	"strconv"
 )
 
 // addDebugHandlers serves Go's profiles under /debug/pprof/ on the metrics
@@ -14,4 +17,14 @@ import (
 func addDebugHandlers(mux *http.ServeMux) {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+}
+
+// init sets the heap profile's sampling rate from WASM_CSI_MEMPROFILERATE
+// (bytes; 1 records every allocation) before anything is allocated, to see
+// the small objects a burst leaves behind, which the default 512 KiB rate
+// misses.
+func init() {
+	if n, err := strconv.Atoi(os.Getenv("WASM_CSI_MEMPROFILERATE")); err == nil && n > 0 {
+		runtime.MemProfileRate = n
+	}
 }

@@ -5,9 +5,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+	"weak"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -194,5 +197,46 @@ func TestCollectRemovesVerificationRecords(t *testing.T) {
 	}
 	if _, ok := s.Verification(kept); !ok {
 		t.Error("the kept module lost its verification record")
+	}
+}
+
+// TestUsesHoldNoDigestString: a module's use is counted under the digest's
+// value, not the string a publish passed: the string is collected once the
+// publish is done with it (else each module in use pins a heap span a
+// burst of publishes allocated; see useKey), and another string of the same
+// digest finds the count.
+func TestUsesHoldNoDigestString(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := putBlob(t, s, []byte("a module in use"))
+	uses, err := NewUses(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	passed := digest.Digest(strings.Clone(string(d)))
+	wp := weak.Make(unsafe.StringData(string(passed)))
+	if !uses.Acquire(s, passed) {
+		t.Fatal("Acquire of a stored module reported it gone")
+	}
+	passed = ""
+	runtime.GC()
+	runtime.GC()
+	if wp.Value() != nil {
+		t.Error("Uses keeps the digest string Acquire was given")
+	}
+	if n := uses.Count(digest.Digest(strings.Clone(string(d)))); n != 1 {
+		t.Errorf("Count under another string of the digest = %d, want 1", n)
+	}
+	uses.Release(digest.Digest(strings.Clone(string(d))))
+	if n := uses.Count(d); n != 0 {
+		t.Errorf("Count after Release = %d, want 0", n)
+	}
+	// A digest of another form is counted as it is.
+	odd := digest.Digest("sha256:not-hex")
+	uses.counts[keyOf(odd)]++
+	if n := uses.Count(odd); n != 1 {
+		t.Errorf("Count of %q = %d, want 1", odd, n)
 	}
 }

@@ -169,7 +169,8 @@ func BenchmarkColdPublish64MiB(b *testing.B) {
 		req, took := publish(ctx, b, d, k, image)
 		b.StopTimer()
 		pubs = append(pubs, took)
-		if os.Getenv("BENCH_DEBUG") != "" {
+		// BURST_PROFILE reads the metrics address from the "serving" line.
+		if os.Getenv("BENCH_DEBUG") != "" || os.Getenv("BURST_PROFILE") != "" {
 			for _, l := range strings.Split(d.Logs(), "\n") {
 				if strings.Contains(l, "module pulled") || strings.Contains(l, "volume published") {
 					b.Logf("%s", l)
@@ -237,7 +238,8 @@ func BenchmarkDaemonMemory(b *testing.B) {
 }
 
 func logLevel() string {
-	if os.Getenv("BENCH_DEBUG") != "" {
+	// BURST_PROFILE reads the metrics address from the "serving" line.
+	if os.Getenv("BENCH_DEBUG") != "" || os.Getenv("BURST_PROFILE") != "" {
 		return "info"
 	}
 	return "warn"

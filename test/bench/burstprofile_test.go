@@ -43,6 +43,7 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 		}
 		return data
 	}
+	b.Logf("before the burst: VmRSS %.1f MiB, %s", rssKiB(b, d.Pid(), "VmRSS")/1024, memStats(get("/debug/pprof/heap?debug=1")))
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -81,7 +82,7 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 func memStats(p []byte) string {
 	var out []string
 	for _, line := range strings.Split(string(p), "\n") {
-		for _, k := range []string{"HeapInuse", "HeapIdle", "HeapReleased", "Stack", "NextGC", "Sys"} {
+		for _, k := range []string{"HeapInuse", "HeapIdle", "HeapReleased", "Stack", "MSpan", "GCSys", "OtherSys", "NextGC", "Sys"} {
 			var v float64
 			if _, err := fmt.Sscanf(line, "# "+k+" = %g", &v); err == nil {
 				out = append(out, fmt.Sprintf("%s %.1f", k, v/(1<<20)))
