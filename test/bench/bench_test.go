@@ -169,8 +169,7 @@ func BenchmarkColdPublish64MiB(b *testing.B) {
 		req, took := publish(ctx, b, d, k, image)
 		b.StopTimer()
 		pubs = append(pubs, took)
-		// BURST_PROFILE reads the metrics address from the "serving" line.
-		if os.Getenv("BENCH_DEBUG") != "" || os.Getenv("BURST_PROFILE") != "" {
+		if os.Getenv("BENCH_DEBUG") != "" {
 			for _, l := range strings.Split(d.Logs(), "\n") {
 				if strings.Contains(l, "module pulled") || strings.Contains(l, "volume published") {
 					b.Logf("%s", l)
