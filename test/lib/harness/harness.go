@@ -66,8 +66,12 @@ func FreePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// BuildDriver builds the daemon into dir, with the race detector when race
-// is set, and returns the binary's path.
+// BuildDriver builds the daemon into dir and returns the binary's path.
+// Without race it is built as the Makefile and the image build it (static,
+// CGO_ENABLED=0, -trimpath), so that benchmarks measure the binary that
+// ships: a cgo build links libc dynamically and idled at 43.5 MiB resident
+// where the static one idled at 31.5. With race it has the race detector,
+// which needs cgo.
 func BuildDriver(dir string, race bool) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
@@ -75,12 +79,17 @@ func BuildDriver(dir string, race bool) (string, error) {
 	}
 	out := filepath.Join(dir, "wasm-csi-driver")
 	args := []string{"build", "-o", out}
+	env := os.Environ()
 	if race {
 		args = append(args, "-race")
+	} else {
+		args = append(args, "-trimpath")
+		env = append(env, "CGO_ENABLED=0")
 	}
 	args = append(args, "./cmd/wasm-csi-driver")
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
+	cmd.Env = env
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build: %v\n%s", err, b)
 	}
