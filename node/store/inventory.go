@@ -2,9 +2,7 @@ package store
 
 import (
 	"os"
-	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -125,20 +123,9 @@ func (s *Store) Inventory(policy GCPolicy, now time.Time) (Inventory, error) {
 
 // listRefs reads every tag record, by the module it resolves to.
 func (s *Store) listRefs() (map[digest.Digest][]RefRecord, error) {
-	entries, err := os.ReadDir(s.refDir())
-	if err != nil {
-		return nil, storageError(err, "listing tag records")
-	}
 	out := map[digest.Digest][]RefRecord{}
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), tmpPrefix) || !strings.HasSuffix(e.Name(), ".json") {
-			continue
-		}
-		var rec RefRecord
-		if err := readJSON(filepath.Join(s.refDir(), e.Name()), &rec); err != nil {
-			continue
-		}
-		out[rec.Module] = append(out[rec.Module], rec)
+	if err := readRecords(s.refDir(), func(rec RefRecord) { out[rec.Module] = append(out[rec.Module], rec) }); err != nil {
+		return nil, storageError(err, "listing tag records")
 	}
 	for _, rs := range out {
 		sort.Slice(rs, func(i, j int) bool { return rs[i].Ref < rs[j].Ref })

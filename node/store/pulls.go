@@ -91,32 +91,23 @@ func (w *BlobWriter) unannounce() {
 // file is gone (the download ended while it was read, or a crash and its
 // temp file was removed) is left out. It only reads.
 func (s *Store) Pulls() ([]PullInFlight, error) {
-	entries, err := os.ReadDir(s.pullDir())
+	var out []PullInFlight
+	err := readRecords(s.pullDir(), func(rec PullRecord) {
+		// The temp file must be a writer's, in the blob directory.
+		if filepath.Dir(rec.Temp) != "blobs/sha256" || !strings.HasPrefix(filepath.Base(rec.Temp), tmpPrefix) {
+			return
+		}
+		fi, err := os.Stat(filepath.Join(s.root, filepath.FromSlash(rec.Temp)))
+		if err != nil {
+			return
+		}
+		out = append(out, PullInFlight{PullRecord: rec, Written: fi.Size(), LastWrite: fi.ModTime().UTC()})
+	})
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, storageError(err, "listing pulls in flight")
-	}
-	var out []PullInFlight
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), tmpPrefix) || !strings.HasSuffix(e.Name(), ".json") {
-			continue
-		}
-		var p PullInFlight
-		if err := readJSON(filepath.Join(s.pullDir(), e.Name()), &p.PullRecord); err != nil {
-			continue
-		}
-		// The temp file must be a writer's, in the blob directory.
-		if filepath.Dir(p.Temp) != "blobs/sha256" || !strings.HasPrefix(filepath.Base(p.Temp), tmpPrefix) {
-			continue
-		}
-		fi, err := os.Stat(filepath.Join(s.root, filepath.FromSlash(p.Temp)))
-		if err != nil {
-			continue
-		}
-		p.Written, p.LastWrite = fi.Size(), fi.ModTime().UTC()
-		out = append(out, p)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Started.Before(out[j].Started) })
 	return out, nil

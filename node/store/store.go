@@ -724,6 +724,26 @@ func readJSON(path string, v any) error {
 	return json.Unmarshal(b, v)
 }
 
+// readRecords reads every record in dir and passes each to add: temp files,
+// names without ".json" and records that do not parse are skipped. An error
+// is the listing's, unwrapped.
+func readRecords[T any](dir string, add func(T)) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), tmpPrefix) || !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		var rec T
+		if readJSON(filepath.Join(dir, e.Name()), &rec) == nil {
+			add(rec)
+		}
+	}
+	return nil
+}
+
 func syncDir(dir string) error {
 	f, err := os.Open(dir)
 	if err != nil {

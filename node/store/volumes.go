@@ -6,7 +6,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -64,20 +63,9 @@ func (s *Store) DeleteVolume(volumeID, target string) error {
 
 // ListVolumes returns every volume record on disk.
 func (s *Store) ListVolumes() ([]VolumeRecord, error) {
-	entries, err := os.ReadDir(s.volumeDir())
-	if err != nil {
-		return nil, storageError(err, "listing volume records")
-	}
 	var out []VolumeRecord
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), tmpPrefix) || !strings.HasSuffix(e.Name(), ".json") {
-			continue
-		}
-		var rec VolumeRecord
-		if err := readJSON(filepath.Join(s.volumeDir(), e.Name()), &rec); err != nil {
-			continue
-		}
-		out = append(out, rec)
+	if err := readRecords(s.volumeDir(), func(rec VolumeRecord) { out = append(out, rec) }); err != nil {
+		return nil, storageError(err, "listing volume records")
 	}
 	return out, nil
 }
