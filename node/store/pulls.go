@@ -1,7 +1,6 @@
 package store
 
 import (
-	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -52,29 +51,13 @@ func (w *BlobWriter) Announce(rec PullRecord) error {
 		return errors.New("blob writer already finished")
 	}
 	rec.Temp = filepath.ToSlash(strings.TrimPrefix(w.f.Name(), w.s.root+string(filepath.Separator)))
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
 	dir := w.s.pullDir()
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return storageError(err, "creating the directory of pulls in flight")
 	}
 	path := filepath.Join(dir, strings.TrimPrefix(filepath.Base(w.f.Name()), tmpPrefix)+".json")
-	f, err := os.CreateTemp(dir, tmpPrefix+"*")
-	if err != nil {
-		return storageError(err, "creating a temp record")
-	}
-	_, err = f.Write(b)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-		return storageError(err, "writing the record of a pull in flight")
+	if err := writeRecord(path, rec, false); err != nil {
+		return err
 	}
 	w.announced = path
 	return nil

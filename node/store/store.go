@@ -685,7 +685,13 @@ func sameFile(a, b string) bool {
 }
 
 // writeJSON writes v to path atomically: temp file, sync, chmod, rename.
-func writeJSON(path string, v any) error {
+func writeJSON(path string, v any) error { return writeRecord(path, v, true) }
+
+// writeRecord writes v to path through a temp file renamed into place, so
+// a reader finds the old record or the new one. durable: the file is also
+// synced and made read-only before the rename, and the directory synced
+// after; a record a crash may lose (a pull in flight's) is not.
+func writeRecord(path string, v any, durable bool) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return err
@@ -697,13 +703,13 @@ func writeJSON(path string, v any) error {
 	}
 	tmp := f.Name()
 	_, err = f.Write(b)
-	if err == nil {
+	if err == nil && durable {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil {
+	if err == nil && durable {
 		err = os.Chmod(tmp, 0o444)
 	}
 	if err == nil {
@@ -712,6 +718,9 @@ func writeJSON(path string, v any) error {
 	if err != nil {
 		os.Remove(tmp)
 		return storageError(err, "writing record "+filepath.Base(path))
+	}
+	if !durable {
+		return nil
 	}
 	return syncDir(dir)
 }
