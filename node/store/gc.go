@@ -32,27 +32,24 @@ type Uses struct {
 // 8 KiB spans in use (what the burst benchmark's profile showed), memory
 // the runtime cannot give back while one object in a span lives.
 type useKey struct {
-	alg digest.Algorithm // one of go-digest's constants (static), or ""
-	sum [sha512.Size]byte
+	// size and sum are a sha256, sha384 or sha512 digest: the size of its
+	// sum tells the three apart, and nothing of d's string is kept.
+	size int
+	sum  [sha512.Size]byte
 	// other is a digest of another form, kept as it is (the store
 	// holds none, but Uses does not rely on that).
 	other string
 }
 
 func keyOf(d digest.Digest) useKey {
-	var k useKey
-	for _, alg := range []digest.Algorithm{digest.SHA256, digest.SHA384, digest.SHA512} {
-		if d.Algorithm() != alg {
-			continue
-		}
-		enc := d.Encoded()
-		if len(enc) == 2*alg.Size() {
+	switch alg := d.Algorithm(); alg {
+	case digest.SHA256, digest.SHA384, digest.SHA512:
+		k := useKey{size: alg.Size()}
+		if enc := d.Encoded(); len(enc) == 2*k.size {
 			if _, err := hex.Decode(k.sum[:], []byte(enc)); err == nil {
-				k.alg = alg
 				return k
 			}
 		}
-		break
 	}
 	return useKey{other: strings.Clone(string(d))}
 }
