@@ -165,18 +165,19 @@ type pullResult struct {
 // A kubelet call (call true) may be turned away while the pull is queued
 // (holdCaller); a background pull (pre-pull) always waits.
 func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, call bool) (store.RefRecord, bool, string, error) {
-	defer s.askers.ask(ref.String(), time.Now)()
-	ch := s.flight.DoChan(ref.String(), func() (any, error) {
+	key := ref.String()
+	defer s.askers.ask(key, time.Now)()
+	ch := s.flight.DoChan(key, func() (any, error) {
 		// An image that keeps failing is not asked for again before its
 		// damping window ends (damping.go).
-		if err := s.damp.check(ref.String(), acc.key); err != nil {
+		if err := s.damp.check(key, acc.key); err != nil {
 			return pullResult{}, err
 		}
-		defer s.askers.forget(ref.String())
+		defer s.askers.forget(key)
 		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PullTimeout)
 		defer cancel()
 		rec, cached, err := s.doPull(pctx, ref, acc)
-		s.damp.done(ref.String(), acc.key, err)
+		s.damp.done(key, acc.key, err)
 		return pullResult{rec, cached, acc.key}, err
 	})
 	result := func(r singleflight.Result) (store.RefRecord, bool, string, error) {
@@ -186,7 +187,7 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, ca
 		pr := r.Val.(pullResult)
 		return pr.rec, pr.cached, pr.leader, nil
 	}
-	if call && !s.holdCaller(ref.String()) {
+	if call && !s.holdCaller(key) {
 		select {
 		case r := <-ch:
 			return result(r)
