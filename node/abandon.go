@@ -35,7 +35,7 @@ type asked struct {
 }
 
 // ask records a caller of the pull of key until done is called.
-func (a *askers) ask(key string, now func() time.Time) (done func()) {
+func (a *askers) ask(key string) (done func()) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.m == nil {
@@ -47,14 +47,14 @@ func (a *askers) ask(key string, now func() time.Time) (done func()) {
 		a.m[key] = e
 	}
 	e.waiting++
-	e.last = now()
+	e.last = time.Now()
 	return func() {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if e.waiting > 0 {
 			e.waiting--
 		}
-		e.last = now()
+		e.last = time.Now()
 	}
 }
 

@@ -166,7 +166,7 @@ type pullResult struct {
 // (holdCaller); a background pull (pre-pull) always waits.
 func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, call bool) (store.RefRecord, bool, string, error) {
 	key := ref.String()
-	defer s.askers.ask(key, time.Now)()
+	defer s.askers.ask(key)()
 	ch := s.flight.DoChan(key, func() (any, error) {
 		// An image that keeps failing is not asked for again before its
 		// damping window ends (damping.go).
