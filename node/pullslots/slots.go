@@ -96,11 +96,7 @@ func (s *Slots) Limit() int {
 func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err error) {
 	s.mu.Lock()
 	sem := s.sem
-	s.gen++
-	if s.idleTimer != nil {
-		s.idleTimer.Stop()
-		s.idleTimer = nil
-	}
+	s.used()
 	s.waiting[key]++
 	s.nWait++
 	s.mu.Unlock()
@@ -138,11 +134,7 @@ func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err er
 func (s *Slots) Resolve(ctx context.Context) (release func(), err error) {
 	s.mu.Lock()
 	sem := s.rsem
-	s.gen++
-	if s.idleTimer != nil {
-		s.idleTimer.Stop()
-		s.idleTimer = nil
-	}
+	s.used()
 	s.nRes++
 	s.mu.Unlock()
 	done := func() {
@@ -180,17 +172,27 @@ func (s *Slots) OnIdle(d time.Duration, fn func()) {
 func (s *Slots) Poke() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.used()
+	s.armIdle()
+}
+
+// used records that the slots are in use: an idle timer set before is
+// stopped, and one about to fire does nothing. s.mu is held.
+func (s *Slots) used() {
 	s.gen++
 	if s.idleTimer != nil {
 		s.idleTimer.Stop()
 		s.idleTimer = nil
 	}
-	s.armIdle()
 }
+
+// busy reports whether a download runs or waits or a manifest request
+// asks or runs. s.mu is held.
+func (s *Slots) busy() bool { return s.nRun > 0 || s.nWait > 0 || s.nRes > 0 }
 
 // armIdle starts the idle timer when the last download is done. s.mu is held.
 func (s *Slots) armIdle() {
-	if s.idleFn == nil || s.nRun > 0 || s.nWait > 0 || s.nRes > 0 {
+	if s.idleFn == nil || s.busy() {
 		return
 	}
 	if s.idleTimer != nil {
@@ -199,7 +201,7 @@ func (s *Slots) armIdle() {
 	gen, fn := s.gen, s.idleFn
 	s.idleTimer = time.AfterFunc(s.idleDelay, func() {
 		s.mu.Lock()
-		still := s.gen == gen && s.nRun == 0 && s.nWait == 0 && s.nRes == 0
+		still := s.gen == gen && !s.busy()
 		if still {
 			s.idleTimer = nil
 		}
