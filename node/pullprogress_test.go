@@ -36,6 +36,23 @@ func (e *countingEvents) waitProgress(t *testing.T, n int) []progressEvent {
 	}
 }
 
+// progressClock makes the service report progress under p, paced by a
+// fake clock, which it returns.
+func (e *unitEnv) progressClock(p progress.Policy) *clocktesting.FakeClock {
+	clk := clocktesting.NewFakeClock(time.Now())
+	e.svc.cfg.Clock = clk
+	e.svc.cfg.Progress = p
+	return clk
+}
+
+// holdHalfway makes each download send on r.halfway once it is halfway,
+// then wait there until r.resume is closed.
+func (r *fakeRegistry) holdHalfway() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.halfway, r.resume = make(chan struct{}, 1), make(chan struct{})
+}
+
 func waitTimer(t *testing.T, clk *clocktesting.FakeClock) {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
@@ -53,11 +70,9 @@ func waitTimer(t *testing.T, clk *clocktesting.FakeClock) {
 // the store lists nothing.
 func TestPullProgress(t *testing.T) {
 	e := newUnitEnv(t, config.FileConfig{})
-	clk := clocktesting.NewFakeClock(time.Now())
-	e.svc.cfg.Clock = clk
-	e.svc.cfg.Progress = progress.Policy{MinSize: 100, Interval: 10 * time.Second}
+	clk := e.progressClock(progress.Policy{MinSize: 100, Interval: 10 * time.Second})
 	img := e.reg.add("acme/big", "")
-	e.reg.halfway, e.reg.resume = make(chan struct{}, 1), make(chan struct{})
+	e.reg.holdHalfway()
 	total := int64(len(img.body))
 	if total < 100 {
 		t.Fatalf("module of %d bytes is under the test's threshold", total)
@@ -133,11 +148,9 @@ func TestPullProgress(t *testing.T) {
 // TestSmallPullNoProgress: a module under the threshold sends no progress.
 func TestSmallPullNoProgress(t *testing.T) {
 	e := newUnitEnv(t, config.FileConfig{})
-	clk := clocktesting.NewFakeClock(time.Now())
-	e.svc.cfg.Clock = clk
 	img := e.reg.add("acme/small", "")
-	e.svc.cfg.Progress = progress.Policy{MinSize: int64(len(img.body)) + 1, Interval: time.Second}
-	e.reg.halfway, e.reg.resume = make(chan struct{}, 1), make(chan struct{})
+	clk := e.progressClock(progress.Policy{MinSize: int64(len(img.body)) + 1, Interval: time.Second})
+	e.reg.holdHalfway()
 	req := e.request(t, "vol-s", "reg.example/acme/small:1", "pod-s", PullIfNotPresent)
 	errc := make(chan error, 1)
 	go func() { errc <- e.svc.Publish(context.Background(), req) }()
@@ -160,12 +173,10 @@ func TestSmallPullNoProgress(t *testing.T) {
 // learns nothing of the module (and is refused after the pull).
 func TestPrivatePullProgress(t *testing.T) {
 	e := newUnitEnv(t, config.FileConfig{})
-	clk := clocktesting.NewFakeClock(time.Now())
-	e.svc.cfg.Clock = clk
-	e.svc.cfg.Progress = progress.Policy{MinSize: 1, Interval: 10 * time.Second}
+	clk := e.progressClock(progress.Policy{MinSize: 1, Interval: 10 * time.Second})
 	e.reg.add("acme/private", "alice")
 	e.creds.keyrings["pod-owner"] = []*puller.Keyring{secret(t, "regcred", "reg.example", "alice")}
-	e.reg.halfway, e.reg.resume = make(chan struct{}, 1), make(chan struct{})
+	e.reg.holdHalfway()
 
 	owner := e.request(t, "vol-owner", "reg.example/acme/private:1", "pod-owner", PullIfNotPresent)
 	thief := e.request(t, "vol-thief", "reg.example/acme/private:1", "pod-thief", PullIfNotPresent)
