@@ -422,4 +422,27 @@ func (e *unitEnv) published(t *testing.T, req PublishRequest, body []byte) diges
 	return rec.Module
 }
 
+// distinctImages adds n images, acme/<prefix><i>, and returns a publish of
+// each, by a pod and into a volume of its own, under policy.
+func (e *unitEnv) distinctImages(t *testing.T, prefix string, n int, policy PullPolicy) []PublishRequest {
+	t.Helper()
+	reqs := make([]PublishRequest, n)
+	for i := range reqs {
+		e.reg.add(fmt.Sprintf("acme/%s%d", prefix, i), "")
+		reqs[i] = e.request(t, fmt.Sprintf("vol-%d", i), fmt.Sprintf("reg.example/acme/%s%d:1", prefix, i), fmt.Sprintf("pod-%d", i), policy)
+	}
+	return reqs
+}
+
+// publishedAll checks that each of reqs serves its own image's module.
+func (e *unitEnv) publishedAll(t *testing.T, reqs []PublishRequest) {
+	t.Helper()
+	for _, req := range reqs {
+		e.reg.mu.Lock()
+		body := e.reg.images[req.Image.Repository].body
+		e.reg.mu.Unlock()
+		e.published(t, req, body)
+	}
+}
+
 func isKind(err, kind error) bool { return err != nil && errors.Is(err, kind) }

@@ -359,12 +359,10 @@ func TestManifestRequestsBounded(t *testing.T) {
 	e.reg.mu.Lock()
 	e.reg.resolveGate = gate
 	e.reg.mu.Unlock()
-	reqs := make([]PublishRequest, n)
+	reqs := e.distinctImages(t, "m", n, PullAlways)
 	errs := make(chan error, n)
-	for i := range n {
-		e.reg.add(fmt.Sprintf("acme/m%d", i), "")
-		reqs[i] = e.request(t, fmt.Sprintf("vol-%d", i), fmt.Sprintf("reg.example/acme/m%d:1", i), fmt.Sprintf("pod-%d", i), PullAlways)
-		go func() { errs <- e.svc.Publish(context.Background(), reqs[i]) }()
+	for _, req := range reqs {
+		go func() { errs <- e.svc.Publish(context.Background(), req) }()
 	}
 	e.events.waitPulling(t, n)
 	deadline := time.Now().Add(10 * time.Second)
@@ -382,9 +380,7 @@ func TestManifestRequestsBounded(t *testing.T) {
 			t.Errorf("publish: %v", err)
 		}
 	}
-	for i, req := range reqs {
-		e.published(t, req, e.reg.images[fmt.Sprintf("acme/m%d", i)].body)
-	}
+	e.publishedAll(t, reqs)
 }
 
 // TestQueuedCallersBounded: with every pull slot downloading and
@@ -398,16 +394,14 @@ func TestQueuedCallersBounded(t *testing.T) {
 	slots := e.svc.slots.Limit()
 	const extra = 5
 	n := MaxHeldCallers + slots + extra
-	reqs := make([]PublishRequest, n)
+	reqs := e.distinctImages(t, "q", n, PullIfNotPresent)
 	type result struct {
 		i   int
 		err error
 	}
 	results := make(chan result, n)
-	for i := range n {
-		e.reg.add(fmt.Sprintf("acme/q%d", i), "")
-		reqs[i] = e.request(t, fmt.Sprintf("vol-%d", i), fmt.Sprintf("reg.example/acme/q%d:1", i), fmt.Sprintf("pod-%d", i), PullIfNotPresent)
-		go func() { results <- result{i, e.svc.Publish(context.Background(), reqs[i])} }()
+	for i, req := range reqs {
+		go func() { results <- result{i, e.svc.Publish(context.Background(), req)} }()
 	}
 	// The downloads are held at the registry: whatever returns now was
 	// turned away without waiting for its pull. Callers whose pull was
@@ -446,9 +440,7 @@ func TestQueuedCallersBounded(t *testing.T) {
 			t.Fatalf("retry of publish %d: %v", i, err)
 		}
 	}
-	for i, req := range reqs {
-		e.published(t, req, e.reg.images[fmt.Sprintf("acme/q%d", i)].body)
-	}
+	e.publishedAll(t, reqs)
 	if got := e.reg.pullCount(); got != n {
 		t.Errorf("%d downloads for %d modules: a retry queued its pull again", got, n)
 	}
