@@ -326,22 +326,31 @@ func (e *countingEvents) Failed(PodInfo, string, error) {
 func (e *countingEvents) Verified(PodInfo, string, string, string)          {}
 func (e *countingEvents) VerificationFailed(PodInfo, string, string, error) {}
 
-// waitPulling waits until n publishes have reached the pull.
-func (e *countingEvents) waitPulling(t *testing.T, n int) {
+// waitFor waits until count() is at least n, counting again after each
+// event recorded; what names what is counted, for the failure.
+func (e *countingEvents) waitFor(t *testing.T, n int, what string, count func() int) {
 	t.Helper()
 	for {
-		e.mu.Lock()
-		got := e.pulling
-		e.mu.Unlock()
+		got := count()
 		if got >= n {
 			return
 		}
 		select {
 		case <-e.changed:
 		case <-time.After(time.Minute):
-			t.Fatalf("%d of %d publishes reached the pull", got, n)
+			t.Fatalf("%d of %d %s", got, n, what)
 		}
 	}
+}
+
+// waitPulling waits until n publishes have reached the pull.
+func (e *countingEvents) waitPulling(t *testing.T, n int) {
+	t.Helper()
+	e.waitFor(t, n, "publishes reached the pull", func() int {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.pulling
+	})
 }
 
 // unitEnv is a Service over a real store in a temp dir, with the fakes.

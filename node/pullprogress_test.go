@@ -23,17 +23,12 @@ func (e *countingEvents) progressOf() []progressEvent {
 // waitProgress waits until n progress events were recorded.
 func (e *countingEvents) waitProgress(t *testing.T, n int) []progressEvent {
 	t.Helper()
-	for {
-		got := e.progressOf()
-		if len(got) >= n {
-			return got
-		}
-		select {
-		case <-e.changed:
-		case <-time.After(time.Minute):
-			t.Fatalf("%d of %d progress events", len(got), n)
-		}
-	}
+	var got []progressEvent
+	e.waitFor(t, n, "progress events", func() int {
+		got = e.progressOf()
+		return len(got)
+	})
+	return got
 }
 
 // progressClock makes the service report progress under p, paced by a
