@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"encoding/json"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -138,19 +137,11 @@ func TestVerification(t *testing.T) {
 	e.mustPublish(image(repo+"/signed:1"), nil)
 }
 
-// inspectVerification runs `wasm-csi-driver inspect -o json` on the
-// daemon's store and returns the verification state of the module ref
-// names.
+// inspectVerification returns the verification state `wasm-csi-driver
+// inspect -o json` shows for the module ref names in the daemon's store.
 func inspectVerification(t *testing.T, d *harness.Daemon, ref string) []store.VerificationState {
 	t.Helper()
-	out, err := exec.Command(d.Bin, "inspect", "--root-dir="+d.Root, "--config="+filepath.Join(d.Root, "none.yaml"), "-o", "json").Output()
-	if err != nil {
-		t.Fatalf("inspect: %v", err)
-	}
-	var inv store.Inventory
-	if err := json.Unmarshal(out, &inv); err != nil {
-		t.Fatalf("inspect -o json: %v\n%s", err, out)
-	}
+	inv := d.Inventory(t)
 	for _, m := range inv.Modules {
 		for _, r := range m.Refs {
 			if r.Ref == ref {
@@ -158,7 +149,7 @@ func inspectVerification(t *testing.T, d *harness.Daemon, ref string) []store.Ve
 			}
 		}
 	}
-	t.Fatalf("inspect lists no module for %s:\n%s", ref, out)
+	t.Fatalf("inspect lists no module for %s: %+v", ref, inv.Modules)
 	return nil
 }
 

@@ -2,10 +2,8 @@ package kubeapi
 
 import (
 	"context"
-	"encoding/json"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -17,7 +15,6 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 	"github.com/wasm-csi/wasm-csi/test/lib/kubeenv"
 	"github.com/wasm-csi/wasm-csi/test/lib/registrytest"
@@ -62,20 +59,6 @@ func (g *gatedWriter) Write(p []byte) (int, error) {
 
 // progressEvents lists the pod's Pulling events that report progress.
 var progressMessage = regexp.MustCompile(`^Pulling Wasm module "[^"]+": ([0-9.]+[KMG]?i?B) of 8MiB \(([0-9]+)%\)$`)
-
-// inspectPulls runs `wasm-csi-driver inspect -o json` on root.
-func inspectPulls(t *testing.T, bin, root string) []store.PullInFlight {
-	t.Helper()
-	out, err := exec.Command(bin, "inspect", "--root-dir="+root, "--config="+filepath.Join(root, "no-config.yaml"), "-o", "json").Output()
-	if err != nil {
-		t.Fatalf("inspect: %v", err)
-	}
-	var inv store.Inventory
-	if err := json.Unmarshal(out, &inv); err != nil {
-		t.Fatalf("inspect -o json: %v\n%s", err, out)
-	}
-	return inv.Pulls
-}
 
 // testPullProgress: a pull of an 8 MiB module, held by the registry after
 // 5 MiB, sends Pulling events with its progress to the pod (paced by the
@@ -174,7 +157,7 @@ func testPullProgress(t *testing.T, bin string, env *kubeenv.Env, ns string) {
 	// inspect, beside the running daemon, lists the pull in flight.
 	deadline = time.Now().Add(time.Minute)
 	for {
-		pulls := inspectPulls(t, bin, d.Root)
+		pulls := d.Inventory(t).Pulls
 		if len(pulls) != 1 || pulls[0].Image != image || pulls[0].Total != size {
 			t.Fatalf("inspect lists pulls %+v, want one of %s, %d bytes", pulls, image, size)
 		}
@@ -197,7 +180,7 @@ func testPullProgress(t *testing.T, bin string, env *kubeenv.Env, ns string) {
 	}
 	f.mustServe(t, req)
 	f.events(t, pod, "Pulled")
-	if pulls := inspectPulls(t, bin, d.Root); len(pulls) != 0 {
+	if pulls := d.Inventory(t).Pulls; len(pulls) != 0 {
 		t.Errorf("inspect lists pulls after the pull: %+v", pulls)
 	}
 	if left, err := os.ReadDir(filepath.Join(d.Root, "pulls")); err != nil || len(left) != 0 {

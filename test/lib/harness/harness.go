@@ -4,7 +4,8 @@
 // credential plugin (BuildCredentialPlugin, test/tools/credplugin); starting,
 // killing and restarting a daemon on its own root dir (StartDaemon, Daemon);
 // kubelet-shaped publish requests and pod directories (Kubelet, Pod);
-// reading a mount's options (MountOptions), unmounting what a test left
+// what `inspect` lists of a daemon's store (Daemon.Inventory); reading a
+// mount's options (MountOptions), unmounting what a test left
 // (UnmountUnder); RepoRoot, FreePort, and RequireRoot for the suites that
 // mount. It needs the Go toolchain; the daemons it starts need root.
 package harness
@@ -14,6 +15,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -32,6 +34,7 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/wasm-csi/wasm-csi/node/store"
 	"github.com/wasm-csi/wasm-csi/test/lib/testlog"
 )
 
@@ -291,6 +294,22 @@ func (d *Daemon) Pid() int {
 		return 0
 	}
 	return d.cmd.Process.Pid
+}
+
+// Inventory runs `wasm-csi-driver inspect -o json` on the daemon's
+// --root-dir (beside the daemon, which may be running), with the config
+// defaults (no --config file), and returns what it lists.
+func (d *Daemon) Inventory(t testing.TB) store.Inventory {
+	t.Helper()
+	out, err := exec.Command(d.Bin, "inspect", "--root-dir="+d.Root, "--config="+filepath.Join(d.Root, "no-config.yaml"), "-o", "json").Output()
+	if err != nil {
+		t.Fatalf("inspect: %v", err)
+	}
+	var inv store.Inventory
+	if err := json.Unmarshal(out, &inv); err != nil {
+		t.Fatalf("inspect -o json: %v\n%s", err, out)
+	}
+	return inv
 }
 
 // MetricsURL is the daemon's metrics and health endpoint base URL
