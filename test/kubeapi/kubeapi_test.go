@@ -146,23 +146,32 @@ func (f *fixture) mustServe(t *testing.T, req *csipb.NodePublishVolumeRequest) {
 	}
 }
 
+// podEvents lists the events of pod (this very pod: its UID).
+func (f *fixture) podEvents(t *testing.T, pod harness.Pod) []corev1.Event {
+	t.Helper()
+	list, err := f.env.Client.CoreV1().Events(pod.Namespace).List(context.Background(), metav1.ListOptions{
+		FieldSelector: "involvedObject.name=" + pod.Name,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []corev1.Event
+	for _, e := range list.Items {
+		if string(e.InvolvedObject.UID) == pod.UID {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
 // events waits until the pod has events whose reasons include all of want,
 // and returns their messages by reason.
 func (f *fixture) events(t *testing.T, pod harness.Pod, want ...string) map[string][]string {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		list, err := f.env.Client.CoreV1().Events(pod.Namespace).List(context.Background(), metav1.ListOptions{
-			FieldSelector: "involvedObject.name=" + pod.Name,
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
 		got := map[string][]string{}
-		for _, e := range list.Items {
-			if string(e.InvolvedObject.UID) != pod.UID {
-				continue
-			}
+		for _, e := range f.podEvents(t, pod) {
 			got[e.Reason] = append(got[e.Reason], e.Message)
 		}
 		missing := false

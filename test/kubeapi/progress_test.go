@@ -13,7 +13,6 @@ import (
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/wasm-csi/wasm-csi/test/lib/harness"
 	"github.com/wasm-csi/wasm-csi/test/lib/kubeenv"
@@ -57,7 +56,8 @@ func (g *gatedWriter) Write(p []byte) (int, error) {
 	return n + m, err
 }
 
-// progressEvents lists the pod's Pulling events that report progress.
+// progressMessage is a Pulling event that reports progress: bytes so far
+// and percent of the 8 MiB module.
 var progressMessage = regexp.MustCompile(`^Pulling Wasm module "[^"]+": ([0-9.]+[KMG]?i?B) of 8MiB \(([0-9]+)%\)$`)
 
 // testPullProgress: a pull of an 8 MiB module, held by the registry after
@@ -122,14 +122,10 @@ func testPullProgress(t *testing.T, bin string, env *kubeenv.Env, ns string) {
 	deadline := time.Now().Add(time.Minute)
 	var progress []string
 	for {
-		list, err := env.Client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + pod.Name})
-		if err != nil {
-			t.Fatal(err)
-		}
 		progress = progress[:0]
 		best := -1
-		for _, e := range list.Items {
-			if e.Reason != "Pulling" || string(e.InvolvedObject.UID) != pod.UID {
+		for _, e := range f.podEvents(t, pod) {
+			if e.Reason != "Pulling" {
 				continue
 			}
 			msg := strings.TrimPrefix(e.Message, "(combined from similar events): ")
