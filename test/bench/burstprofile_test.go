@@ -29,20 +29,7 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	get := func(path string) []byte {
-		resp, err := http.Get(base + path)
-		if err != nil {
-			b.Logf("profile %s: %v", path, err)
-			return nil
-		}
-		defer resp.Body.Close()
-		data, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != http.StatusOK {
-			b.Logf("profile %s: %s (built without -tags pprof?)", path, resp.Status)
-			return nil
-		}
-		return data
-	}
+	get := func(path string) []byte { return pprofGet(b, base, path) }
 	b.Logf("before the burst: VmRSS %.1f MiB, %s", rssKiB(b, d.Pid(), "VmRSS")/1024, memStats(get("/debug/pprof/heap?debug=1")))
 	done := make(chan struct{})
 	var wg sync.WaitGroup
@@ -77,6 +64,24 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 	}
 }
 
+// pprofGet fetches path from the daemon's metrics server at base; nil
+// (logged) when it fails or is not served (a daemon built without -tags
+// pprof).
+func pprofGet(b *testing.B, base, path string) []byte {
+	resp, err := http.Get(base + path)
+	if err != nil {
+		b.Logf("profile %s: %v", path, err)
+		return nil
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		b.Logf("profile %s: %s (built without -tags pprof?)", path, resp.Status)
+		return nil
+	}
+	return data
+}
+
 // memStats picks the runtime's figures that add up to resident memory from
 // a debug=1 heap profile, in MiB.
 func memStats(p []byte) string {
@@ -104,18 +109,12 @@ func profileAfter(b *testing.B, d *harness.Daemon) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	resp, err := http.Get(base + "/debug/pprof/heap?gc=1")
-	if err != nil {
-		b.Logf("heap profile: %v", err)
+	heap := pprofGet(b, base, "/debug/pprof/heap?gc=1")
+	if heap == nil {
 		return
 	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(resp.Body)
-	os.WriteFile(filepath.Join(dir, "heap-after.pb.gz"), data, 0o644)
-	resp2, err := http.Get(base + "/debug/pprof/heap?debug=1")
-	if err == nil {
-		data, _ := io.ReadAll(resp2.Body)
-		resp2.Body.Close()
-		b.Logf("after settling: %s", memStats(data))
+	os.WriteFile(filepath.Join(dir, "heap-after.pb.gz"), heap, 0o644)
+	if stats := pprofGet(b, base, "/debug/pprof/heap?debug=1"); stats != nil {
+		b.Logf("after settling: %s", memStats(stats))
 	}
 }
