@@ -83,10 +83,17 @@ func runMirrorSteps(t *testing.T, e *env, origin, mirror *registrytest.Registry,
 		if s.fault != nil {
 			mirror.SetFault(nil)
 		}
-		b := digest.FromBytes(mod)
-		if m, o := mirror.BlobGets(b), origin.BlobGets(b); m != s.fromMirror || o != s.fromOrigin {
-			t.Errorf("%s: blob downloads mirror %d origin %d, want %d and %d", s.name, m, o, s.fromMirror, s.fromOrigin)
-		}
+		checkServed(t, s.name, mod, origin, mirror, s.fromMirror, s.fromOrigin)
+	}
+}
+
+// checkServed checks how many times mod's blob was downloaded from the
+// mirror and from the origin.
+func checkServed(t *testing.T, name string, mod []byte, origin, mirror *registrytest.Registry, fromMirror, fromOrigin int) {
+	t.Helper()
+	b := digest.FromBytes(mod)
+	if m, o := mirror.BlobGets(b), origin.BlobGets(b); m != fromMirror || o != fromOrigin {
+		t.Errorf("%s: blob downloads mirror %d origin %d, want %d and %d", name, m, o, fromMirror, fromOrigin)
 	}
 }
 
@@ -110,13 +117,6 @@ func TestRuntimeHostsTOML(t *testing.T) {
 	writeConfig(t, cfg, "registries:\n  containerdHostsDir: "+certs+"\n")
 	e := newEnvOpts(t, harness.DaemonOptions{Args: []string{"--config=" + cfg, "--insecure-registry=" + origin.ProxyHost()}})
 	img := func(repoTag string) string { return origin.ProxyHost() + "/" + repoTag }
-	served := func(name string, mod []byte, fromMirror, fromOrigin int) {
-		t.Helper()
-		d := digest.FromBytes(mod)
-		if m, o := mirror.BlobGets(d), origin.BlobGets(d); m != fromMirror || o != fromOrigin {
-			t.Errorf("%s: blob downloads mirror %d origin %d, want %d and %d", name, m, o, fromMirror, fromOrigin)
-		}
-	}
 
 	runMirrorSteps(t, e, origin, mirror,
 		// On both: the mirror serves it.
@@ -145,7 +145,7 @@ func TestRuntimeHostsTOML(t *testing.T) {
 		})
 	})
 	checkFile(t, e.mustPublish(img("ht/d:1"), nil), "plugin.wasm", dmod)
-	served("D", dmod, 1, 1)
+	checkServed(t, "D", dmod, origin, mirror, 1, 1)
 	mirror.SetInterceptor(nil)
 	e.checkStoreIntegrity()
 
