@@ -82,14 +82,15 @@ func BenchmarkBurst(b *testing.B) {
 	for bi, bu := range list {
 		b.Run(bu.String(), func(b *testing.B) {
 			images := pushDistinct(ctx, b, reg, fmt.Sprintf("bench/burst%d", bi), bu)
-			var peak, took, after []float64
+			var peak, took, cpu, after []float64
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				p, t, a := runBurst(ctx, b, bin, reg, images, settle)
-				peak, took, after = append(peak, p), append(took, t), append(after, a)
+				r := runBurst(ctx, b, bin, reg, images, settle)
+				peak, took, cpu, after = append(peak, r.peak), append(took, r.took), append(cpu, r.cpu), append(after, r.after)
 			}
 			b.ReportMetric(maxOf(peak), "peak-growth-MiB")
 			b.ReportMetric(maxOf(took), "total-s")
+			b.ReportMetric(maxOf(cpu), "daemon-cpu-s")
 			b.ReportMetric(maxOf(after), "growth-after-settle-MiB")
 		})
 	}
@@ -133,10 +134,16 @@ func pushDistinct(ctx context.Context, b *testing.B, reg *registrytest.Registry,
 	return images
 }
 
-// runBurst starts a daemon, publishes every image at once and returns the
-// peak RSS growth (MiB), the seconds until all were served, and the RSS
-// growth (MiB) settle after the last was served.
-func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.Registry, images []string, settle time.Duration) (peak, took, after float64) {
+// burstResult is one burst's figures.
+type burstResult struct {
+	peak  float64 // peak RSS growth over idle, MiB
+	took  float64 // seconds until every publish was served
+	cpu   float64 // CPU seconds the daemon used meanwhile
+	after float64 // RSS growth over idle settle after the last was served, MiB
+}
+
+// runBurst starts a daemon, publishes every image at once and measures it.
+func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.Registry, images []string, settle time.Duration) burstResult {
 	b.Helper()
 	b.StopTimer()
 	root := filepath.Join(b.TempDir(), "store")
@@ -162,7 +169,7 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	errs := make([]error, len(reqs))
 	stopProfile := profileBurst(b, d)
 	b.StartTimer()
-	start := time.Now()
+	start, cpu0 := time.Now(), cpuSeconds(b, d.Pid())
 	for i, r := range reqs {
 		wg.Add(1)
 		go func() {
@@ -171,7 +178,7 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 		}()
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
+	elapsed, cpu := time.Since(start), cpuSeconds(b, d.Pid())-cpu0
 	b.StopTimer()
 	stopProfile()
 	hwm := rssKiB(b, d.Pid(), "VmHWM")
@@ -183,8 +190,8 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	time.Sleep(settle)
 	rest := rssKiB(b, d.Pid(), "VmRSS")
 	profileAfter(b, d)
-	b.Logf("%d publishes served in %v with %d kubelet retries; idle RSS %.1f MiB (anon %.1f, file %.1f), peak %.1f MiB, %v later %.1f MiB (anon %.1f, file %.1f)",
-		len(reqs), elapsed.Round(time.Millisecond), retries.Load(), base/1024, baseAnon/1024, baseFile/1024, hwm/1024, settle, rest/1024,
+	b.Logf("%d publishes served in %v (daemon CPU %.1f s) with %d kubelet retries; idle RSS %.1f MiB (anon %.1f, file %.1f), peak %.1f MiB, %v later %.1f MiB (anon %.1f, file %.1f)",
+		len(reqs), elapsed.Round(time.Millisecond), cpu, retries.Load(), base/1024, baseAnon/1024, baseFile/1024, hwm/1024, settle, rest/1024,
 		rssKiB(b, d.Pid(), "RssAnon")/1024, rssKiB(b, d.Pid(), "RssFile")/1024)
 
 	g, gctx := errgroup.WithContext(ctx)
@@ -201,7 +208,7 @@ func runBurst(ctx context.Context, b *testing.B, bin string, reg *registrytest.R
 	d.Stop()
 	os.RemoveAll(root)
 	b.StartTimer()
-	return (hwm - base) / 1024, elapsed.Seconds(), (rest - base) / 1024
+	return burstResult{peak: (hwm - base) / 1024, took: elapsed.Seconds(), cpu: cpu, after: (rest - base) / 1024}
 }
 
 // publishLikeKubelet calls NodePublishVolume with kubelet's deadline and
