@@ -13,8 +13,8 @@ import (
 // asked for it for abandonAfter, longer than kubelet's longest backoff
 // between two attempts (2m2s): a pod still there has asked again by then.
 //
-// Written here rather than taken from a library: singleflight, which joins
-// the callers of one pull, does not count them.
+// Written here rather than taken from a library: what joins the callers of
+// one pull (inflight.go) does not count them.
 
 // DefaultAbandonAfter is how long a queued pull stays without being asked for.
 const DefaultAbandonAfter = 3 * time.Minute
@@ -75,6 +75,9 @@ func (a *askers) forget(key string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	delete(a.m, key)
+	if len(a.m) == 0 {
+		a.m = nil // maps do not shrink: drop a burst's table
+	}
 }
 
 // watchAbandon calls cancel(errAbandoned) once the pull of key has gone

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -515,4 +516,58 @@ func TestQueuedPullAbandoned(t *testing.T) {
 		t.Fatalf("a new publish of the dropped pull: %v", err)
 	}
 	e.published(t, gone, e.reg.images["acme/gone"].body)
+}
+
+// TestQueuedPullsHoldNoGoroutine: a pull waiting for a download slot is a
+// record in the queue, not a goroutine: 200 of them, whose publishes gave
+// up, leave the daemon's goroutine count where it was; each is downloaded
+// once when the slot frees, and the retries are served from it.
+func TestQueuedPullsHoldNoGoroutine(t *testing.T) {
+	one := 1
+	e := newUnitEnv(t, config.FileConfig{Limits: config.LimitsConfig{MaxConcurrentPulls: &one}})
+	const n = 200
+	e.reg.pulling = make(chan struct{}, n+1)
+	e.reg.release = make(chan struct{})
+	reqs := e.distinctImages(t, "g", n+1, PullIfNotPresent)
+	firstDone := make(chan error, 1)
+	go func() { firstDone <- e.svc.Publish(context.Background(), reqs[0]) }()
+	<-e.reg.pulling // the one slot is taken
+	before := runtime.NumGoroutine()
+	for _, req := range reqs[1:] {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		err := e.svc.Publish(ctx, req)
+		cancel()
+		if !isKind(err, errdefs.ErrPullPending) {
+			t.Fatalf("publish of %s while the slot is held: %v, want ErrPullPending", req.Image.Original, err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, waiting := e.svc.slots.Counts()
+		if waiting == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pulls waiting for the slot, want %d", waiting, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// Allow for the runtime's and the test's own; a goroutine per queued
+	// pull would be n more.
+	if g := runtime.NumGoroutine() - before; g > n/10 {
+		t.Errorf("%d queued pulls hold %d goroutines", n, g)
+	}
+	close(e.reg.release)
+	if err := <-firstDone; err != nil {
+		t.Fatal(err)
+	}
+	for _, req := range reqs[1:] {
+		if err := e.svc.Publish(context.Background(), req); err != nil {
+			t.Fatalf("retry of %s: %v", req.Image.Original, err)
+		}
+	}
+	e.publishedAll(t, reqs)
+	if got := e.reg.pullCount(); got != n+1 {
+		t.Errorf("%d downloads for %d modules", got, n+1)
+	}
 }

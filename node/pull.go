@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/wasm-csi/wasm-csi/node/pullslots"
 	"github.com/wasm-csi/wasm-csi/node/store"
@@ -152,12 +152,6 @@ func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec sto
 	return nil
 }
 
-type pullResult struct {
-	rec    store.RefRecord
-	cached bool
-	leader string
-}
-
 // pull runs one pull per reference at a time. The pull runs on a context of
 // its own, so it outlives a caller that gives up; the caller's retry joins
 // it. leader names the credentials the pull ran with.
@@ -167,30 +161,14 @@ type pullResult struct {
 func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, call bool) (store.RefRecord, bool, string, error) {
 	key := ref.String()
 	defer s.askers.ask(key)()
-	ch := s.flight.DoChan(key, func() (any, error) {
-		// An image that keeps failing is not asked for again before its
-		// damping window ends (damping.go).
-		if err := s.damp.check(key, acc.key); err != nil {
-			return pullResult{}, err
-		}
-		defer s.askers.forget(key)
-		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PullTimeout)
-		defer cancel()
-		rec, cached, err := s.doPull(pctx, ref, acc)
-		s.damp.done(key, acc.key, err)
-		return pullResult{rec, cached, acc.key}, err
-	})
-	result := func(r singleflight.Result) (store.RefRecord, bool, string, error) {
-		if r.Err != nil {
-			return store.RefRecord{}, false, "", r.Err
-		}
-		pr := r.Val.(pullResult)
-		return pr.rec, pr.cached, pr.leader, nil
+	c, leader := s.flights.join(key)
+	if leader {
+		go s.runPull(context.WithoutCancel(ctx), c, key, ref, acc)
 	}
 	if call && !s.holdCaller(key) {
 		select {
-		case r := <-ch:
-			return result(r)
+		case <-c.done:
+			return c.result()
 		default:
 		}
 		running, waiting := s.slots.Counts()
@@ -201,12 +179,87 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, ca
 		defer s.held.Add(-1)
 	}
 	select {
-	case r := <-ch:
-		return result(r)
+	case <-c.done:
+		return c.result()
 	case <-ctx.Done():
 		return store.RefRecord{}, false, "", errdefs.New(errdefs.ErrPullPending, ref.Original, ctx.Err(),
 			"the pull is still in progress and goes on in the background; the retry will use it")
 	}
+}
+
+// runPull runs the pull c of ref up to its download: what a tag names, and
+// whether the module is on the node already. A download is queued for a
+// pull slot (queueDownload) and this goroutine ends; the pull ends when the
+// download does.
+func (s *Service) runPull(ctx context.Context, c *pullCall, key string, ref puller.Reference, acc access) {
+	// An image that keeps failing is not asked for again before its
+	// damping window ends (damping.go).
+	if err := s.damp.check(key, acc.key); err != nil {
+		s.flights.end(key, c, pullResult{}, err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.PullTimeout)
+	end := func(rec store.RefRecord, cached bool, err error) {
+		cancel()
+		s.damp.done(key, acc.key, err)
+		s.askers.forget(key)
+		s.flights.end(key, c, pullResult{rec, cached, acc.key}, err)
+	}
+	p, rec, done, err := s.planPull(ctx, ref, acc)
+	if done {
+		end(rec, err == nil, err)
+		return
+	}
+	s.queueDownload(ctx, key, p, end)
+}
+
+// queueDownload queues p's download for one of the limits.maxConcurrentPulls
+// pull slots, first come first served, and returns at once: the download
+// runs on a goroutine of its own when a slot frees, and calls end. A queued
+// download leaves the queue, and end is called without it, when ctx (the
+// pull timeout) ends or no publish has asked for it for s.abandonAfter;
+// publishes that give up leave the pull queued, and their retries join it
+// in its place.
+func (s *Service) queueDownload(ctx context.Context, key string, p *pullPlan, end func(store.RefRecord, bool, error)) {
+	if s.slots.WillWait(key) {
+		running, waiting := s.slots.Counts()
+		s.log.Info("waiting for a pull slot", "image", p.ref.Original, "inFlight", running, "waiting", waiting, "slots", s.slots.Limit())
+	}
+	queued := time.Now()
+	var mu sync.Mutex
+	started := false
+	var stops []func()
+	leave := s.slots.Wait(key, func(release func()) {
+		mu.Lock()
+		started = true
+		for _, stop := range stops {
+			stop()
+		}
+		mu.Unlock()
+		rec, cached, err := s.downloadPlan(ctx, p)
+		release()
+		end(rec, cached, err)
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if started {
+		return
+	}
+	stops = append(stops, s.askers.watchAbandon(key, s.abandonAfter, func(error) {
+		if leave() {
+			// Not a failure (not damped, no Failed event): a pod that
+			// asks again queues the pull again.
+			end(store.RefRecord{}, false, errdefs.New(errdefs.ErrPullPending, p.ref.Original, errAbandoned,
+				"the queued pull was dropped: no pod asked for it for %s; the next publish queues it again", s.abandonAfter))
+		}
+	}))
+	stopTimeout := context.AfterFunc(ctx, func() {
+		if leave() {
+			end(store.RefRecord{}, false, errdefs.New(errdefs.ErrUnavailable, p.ref.Original, ctx.Err(),
+				"waited %s for one of the %d pull slots and the download never started; raise limits.maxConcurrentPulls or pre-pull the module", time.Since(queued).Round(time.Second), s.slots.Limit()))
+		}
+	})
+	stops = append(stops, func() { stopTimeout() })
 }
 
 // MaxHeldCallers is how many publishes may wait in their call for a pull
@@ -231,96 +284,139 @@ func (s *Service) holdCaller(key string) bool {
 	return false
 }
 
-// doPull fetches ref from the first source that serves it. Sources come in
-// the order configured: registries.mirrors, the runtime's mirrors, then the
-// registry. A source that fails in any way (refused, 5xx, 404, bytes that
-// do not match their digest) passes the pull to the next; digests are
+// pullPlan is a pull on its way to a download: the sources to try, in the
+// order configured (registries.mirrors, the runtime's mirrors, then the
+// registry), what the tag resolved to, and the source to download from
+// next. A source that fails in any way (refused, 5xx, 404, bytes that do
+// not match their digest) passes the pull to the next; digests are
 // verified whoever answers. As in containerd, a tag is resolved only by
 // sources that may resolve, and the manifest and module are then fetched by
 // digest from the sources that may pull, pull-only mirrors included.
-func (s *Service) doPull(ctx context.Context, ref puller.Reference, acc access) (store.RefRecord, bool, error) {
-	start := time.Now()
-	st := s.cur.Load()
-	srcs, err := st.puller.Sources(ref)
-	if err != nil {
-		return store.RefRecord{}, false, err
+type pullPlan struct {
+	st    *settings
+	ref   puller.Reference
+	acc   access
+	srcs  []puller.Reference
+	start time.Time
+	// desc is the manifest the tag named at srcs[resolvedAt], with the
+	// credential that worked there; resolvedAt is -1 for a digest.
+	desc       ocispec.Descriptor
+	used       puller.Credential
+	resolvedAt int
+	// down: sources that failed to resolve the tag are not asked again
+	// for its digest in the same pull.
+	down    map[int]bool
+	lastErr error
+	// next is the source to download from, src the reference to ask it
+	// for, d its manifest and cred the credential it took.
+	next int
+	src  puller.Reference
+	d    ocispec.Descriptor
+	cred puller.Credential
+}
+
+// planPull resolves ref's tag and finds the first source to download from,
+// without a pull slot: a module already on the node, under a tag or a
+// digest asked for with pullPolicy Always, is never queued behind
+// downloads. done is true when the pull ends here: the module is on the
+// node (rec) or no source serves it (err).
+func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access) (p *pullPlan, rec store.RefRecord, done bool, err error) {
+	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: time.Now(), resolvedAt: -1, down: map[int]bool{}}
+	if p.srcs, err = p.st.puller.Sources(ref); err != nil {
+		return nil, store.RefRecord{}, true, err
 	}
-	var lastErr error
-	// failed records a source's failure and says whether to stop.
-	failed := func(src puller.Reference, err error) bool {
-		lastErr = err
-		if src.IsMirror(ref) {
-			s.log.Warn("mirror failed, trying the next source", "image", ref.Original, "mirror", src.Registry, "err", err)
-		}
-		return errors.Is(err, errdefs.ErrNoSpace) || ctx.Err() != nil
-	}
-	var resolvedAt *puller.Reference
-	var desc ocispec.Descriptor
-	var used puller.Credential
-	// Sources that failed to resolve the tag are not asked again for its
-	// digest in the same pull.
-	down := map[int]bool{}
 	if ref.Digest == "" {
-		for i, src := range srcs {
+		for i, src := range p.srcs {
 			if !src.CanResolve() {
 				continue
 			}
-			if desc, used, err = s.resolveAt(ctx, st, src, acc); err == nil {
-				resolvedAt = &srcs[i]
+			if p.desc, p.used, err = s.resolveAt(ctx, p.st, src, acc); err == nil {
+				p.resolvedAt = i
 				break
 			}
-			down[i] = true
-			if failed(src, err) {
-				return store.RefRecord{}, false, lastErr
+			p.down[i] = true
+			if s.failed(ctx, p, src, err) {
+				return nil, store.RefRecord{}, true, p.lastErr
 			}
 		}
-		if resolvedAt == nil {
-			if lastErr == nil {
-				lastErr = errdefs.New(errdefs.ErrInvalidArgument, ref.Original, nil, "no configured source may resolve tags (hosts.toml capabilities); name the image by digest")
+		if p.resolvedAt < 0 {
+			if p.lastErr == nil {
+				p.lastErr = errdefs.New(errdefs.ErrInvalidArgument, ref.Original, nil, "no configured source may resolve tags (hosts.toml capabilities); name the image by digest")
 			}
-			return store.RefRecord{}, false, lastErr
+			return nil, store.RefRecord{}, true, p.lastErr
 		}
-		if rec, ok, err := s.known(ref, desc.Digest); ok || err != nil {
-			return rec, ok, err
+		if rec, ok, err := s.known(ref, p.desc.Digest); ok || err != nil {
+			return nil, rec, true, err
 		}
 	}
-	for i, src := range srcs {
-		if !src.CanPull() || down[i] {
+	rec, done, err = s.sourceFrom(ctx, p, 0)
+	return p, rec, done, err
+}
+
+// sourceFrom sets p.next (and src, d, cred) to the first source from index
+// i on that may serve the download, asking it for the manifest by digest
+// unless it resolved the tag. done is true when the pull ends there: the
+// module is on the node (rec), or no source is left or a failure stops the
+// pull (err).
+func (s *Service) sourceFrom(ctx context.Context, p *pullPlan, i int) (rec store.RefRecord, done bool, err error) {
+	for ; i < len(p.srcs); i++ {
+		src := p.srcs[i]
+		if !src.CanPull() || p.down[i] {
 			continue
 		}
-		d, cred := desc, used
-		if resolvedAt == nil || src != *resolvedAt {
-			if ref.Digest == "" {
-				src.Tag, src.Digest = "", desc.Digest
+		d, cred := p.desc, p.used
+		if i != p.resolvedAt {
+			if p.ref.Digest == "" {
+				src.Tag, src.Digest = "", p.desc.Digest
 			}
-			if d, cred, err = s.resolveAt(ctx, st, src, acc); err != nil {
-				if failed(src, err) {
-					break
+			if d, cred, err = s.resolveAt(ctx, p.st, src, p.acc); err != nil {
+				if s.failed(ctx, p, src, err) {
+					return store.RefRecord{}, true, p.lastErr
 				}
 				continue
 			}
-			if rec, ok, err := s.known(ref, d.Digest); ok || err != nil {
-				return rec, ok, err
+			if rec, ok, err := s.known(p.ref, d.Digest); ok || err != nil {
+				return rec, true, err
 			}
 		}
-		release, err := s.pullSlot(ctx, ref)
-		if err != nil {
-			return store.RefRecord{}, false, err
-		}
-		s.log.Info("pulling module", "image", ref.Original, "source", src.Registry, "manifest", d.Digest)
-		rec, err := s.download(ctx, st, ref, src, d, cred, acc.key)
-		release()
-		s.cfg.Metrics.Pulled(err, rec.Size, time.Since(start))
+		p.next, p.src, p.d, p.cred = i, src, d, cred
+		return store.RefRecord{}, false, nil
+	}
+	if p.lastErr == nil {
+		p.lastErr = errdefs.New(errdefs.ErrInvalidArgument, p.ref.Original, nil, "no configured source may pull the module (hosts.toml capabilities)")
+	}
+	return store.RefRecord{}, true, p.lastErr
+}
+
+// failed records a source's failure and says whether to stop the pull.
+func (s *Service) failed(ctx context.Context, p *pullPlan, src puller.Reference, err error) bool {
+	p.lastErr = err
+	if src.IsMirror(p.ref) {
+		s.log.Warn("mirror failed, trying the next source", "image", p.ref.Original, "mirror", src.Registry, "err", err)
+	}
+	return errors.Is(err, errdefs.ErrNoSpace) || ctx.Err() != nil
+}
+
+// downloadPlan downloads p's module from p.next, holding a pull slot, and
+// from the sources after it while they fail. cached is true when a source
+// after a failed one names a module that is on the node.
+func (s *Service) downloadPlan(ctx context.Context, p *pullPlan) (store.RefRecord, bool, error) {
+	for {
+		s.log.Info("pulling module", "image", p.ref.Original, "source", p.src.Registry, "manifest", p.d.Digest)
+		rec, err := s.download(ctx, p.st, p.ref, p.src, p.d, p.cred, p.acc.key)
+		s.cfg.Metrics.Pulled(err, rec.Size, time.Since(p.start))
 		if err == nil {
-			s.log.Info("module pulled", "image", ref.Original, "source", src.Registry, "digest", rec.Module, "manifest", d.Digest,
-				"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(start))
+			s.log.Info("module pulled", "image", p.ref.Original, "source", p.src.Registry, "digest", rec.Module, "manifest", p.d.Digest,
+				"layout", rec.Layout, "bytes", rec.Size, "duration", time.Since(p.start))
 			return rec, false, nil
 		}
-		if failed(src, err) {
-			break
+		if s.failed(ctx, p, p.src, err) {
+			return store.RefRecord{}, false, p.lastErr
+		}
+		if rec, done, err := s.sourceFrom(ctx, p, p.next+1); done {
+			return rec, err == nil, err
 		}
 	}
-	return store.RefRecord{}, false, lastErr
 }
 
 // resolveAt asks src which manifest it names, trying the pod's and the
@@ -334,28 +430,11 @@ func (s *Service) resolveAt(ctx context.Context, st *settings, src puller.Refere
 			"waiting to ask the registry for the manifest (%d requests at a time): the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
 	}
 	defer release()
-	// The request runs on a goroutine of its own, which ends with it: the
-	// HTTP client and the registry code grow a goroutine's stack, and the
-	// pull's goroutine, which may then wait minutes for a download slot,
-	// would keep the grown stack (a burst's ~1,000 queued pulls did).
-	type answer struct {
-		desc ocispec.Descriptor
-		cred puller.Credential
-		err  error
+	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
+	if err != nil {
+		return ocispec.Descriptor{}, puller.Credential{}, err
 	}
-	ch := make(chan answer, 1)
-	go func() {
-		var a answer
-		attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
-		if err != nil {
-			a.err = err
-		} else {
-			a.desc, a.cred, a.err = st.puller.ResolveWith(ctx, src, attempts)
-		}
-		ch <- a
-	}()
-	a := <-ch
-	return a.desc, a.cred, a.err
+	return st.puller.ResolveWith(ctx, src, attempts)
 }
 
 // known returns the record of manifest m when its module is on the node
@@ -373,34 +452,6 @@ func (s *Service) known(ref puller.Reference, m digest.Digest) (store.RefRecord,
 		}
 	}
 	return rec, true, nil
-}
-
-// pullSlot waits for one of the limits.maxConcurrentPulls download slots,
-// first come first served, on the pull's own context: publishes that give
-// up leave the pull queued, and their retries join it in its place.
-func (s *Service) pullSlot(ctx context.Context, ref puller.Reference) (func(), error) {
-	key := ref.String()
-	if s.slots.WillWait(key) {
-		running, waiting := s.slots.Counts()
-		s.log.Info("waiting for a pull slot", "image", ref.Original, "inFlight", running, "waiting", waiting, "slots", s.slots.Limit())
-	}
-	start := time.Now()
-	actx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	stop := s.askers.watchAbandon(key, s.abandonAfter, cancel)
-	release, err := s.slots.Acquire(actx, key)
-	stop()
-	if err != nil && errors.Is(context.Cause(actx), errAbandoned) {
-		// Not a failure (not damped, no Failed event): a pod that asks
-		// again queues the pull again.
-		return nil, errdefs.New(errdefs.ErrPullPending, ref.Original, errAbandoned,
-			"the queued pull was dropped: no pod asked for it for %s; the next publish queues it again", s.abandonAfter)
-	}
-	if err != nil {
-		return nil, errdefs.New(errdefs.ErrUnavailable, ref.Original, err,
-			"waited %s for one of the %d pull slots and the download never started; raise limits.maxConcurrentPulls or pre-pull the module", time.Since(start).Round(time.Second), s.slots.Limit())
-	}
-	return release, nil
 }
 
 // download streams the module into the store, validates it and records

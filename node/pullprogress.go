@@ -56,6 +56,9 @@ func (w *pullWaiters) add(key string, pod PodInfo, access string) (remove func()
 		if len(w.m[key]) == 0 {
 			delete(w.m, key)
 		}
+		if len(w.m) == 0 {
+			w.m = nil // maps do not shrink: drop a burst's table
+		}
 	}
 }
 

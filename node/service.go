@@ -30,7 +30,6 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/semaphore"
-	"golang.org/x/sync/singleflight"
 	"k8s.io/utils/clock"
 	"oras.land/oras-go/v2/registry/remote"
 
@@ -184,7 +183,7 @@ type Service struct {
 	store    *store.Store
 	mounter  Mounter
 	log      *slog.Logger
-	flight   singleflight.Group
+	flights  inflight // pulls in flight, one per reference (inflight.go)
 	locks    *keyedLock
 	uses     *store.Uses
 	cur      atomic.Pointer[settings]

@@ -3,16 +3,19 @@
 // connections of a download are paid per slot, so a burst of pods asking for
 // distinct modules queues instead of growing the daemon past its limit.
 //
-// It owns the slots (a FIFO semaphore, golang.org/x/sync/semaphore) and the
-// count of downloads running and waiting, per key and in total, and the
-// resolve slots that bound the manifest requests made on the way to a
-// download (ResolvesPerSlot per download slot, a semaphore of their own: a
-// manifest check never waits behind a download). It does not decide what is
-// downloaded, join two publishes of one image (the node's singleflight
-// does), or hold any buffer.
+// It owns the slots and their queue, first come first served, the count of
+// downloads running and waiting, per key and in total, and the resolve slots
+// that bound the manifest requests made on the way to a download
+// (ResolvesPerSlot per download slot, a semaphore of their own,
+// golang.org/x/sync/semaphore: a manifest check never waits behind a
+// download). A download waiting for a slot is a record in the queue, not a
+// goroutine (Wait), so a burst of any size queues in a few hundred bytes
+// per pull. It does not decide what is downloaded, join two publishes of one
+// image (the node does), or hold any buffer.
 package pullslots
 
 import (
+	"container/list"
 	"context"
 	"sync"
 	"time"
@@ -33,25 +36,39 @@ const ResolvesPerSlot = 4
 
 // Slots is a resizable FIFO limit on downloads in flight. The zero value is
 // not usable: use New.
+//
+// The queue is written here rather than taken from
+// golang.org/x/sync/semaphore (which the resolve slots use): a semaphore's
+// waiter is a goroutine blocked in Acquire, and a burst of 1,000 publishes
+// kept ~700 of them, each with its stack and a runtime record the Go
+// runtime never frees, scattered through the heap the burst left behind.
 type Slots struct {
-	mu      sync.Mutex
-	sem     *semaphore.Weighted
-	limit   int
+	mu    sync.Mutex
+	limit int
+	// queue holds the *waiter of each download waiting for a slot,
+	// oldest first.
+	queue   list.List
 	running map[string]int
 	waiting map[string]int
 	nRun    int
-	nWait   int
 	// rsem bounds manifest requests; nRes counts those asking or holding
 	// one, so that the slots are not idle while they run.
 	rsem *semaphore.Weighted
 	nRes int
 
-	// gen counts Acquire calls, so an idle timer knows whether the slots
-	// were used since it was set.
+	// gen counts requests for a slot, so an idle timer knows whether the
+	// slots were used since it was set.
 	gen       uint64
 	idleDelay time.Duration
 	idleFn    func()
 	idleTimer *time.Timer
+}
+
+// waiter is a download waiting in the queue.
+type waiter struct {
+	key   string
+	start func(release func())
+	elem  *list.Element
 }
 
 // New returns Slots allowing limit downloads at once (DefaultLimit when
@@ -60,26 +77,24 @@ func New(limit int) *Slots {
 	if limit < 1 {
 		limit = DefaultLimit
 	}
-	return &Slots{sem: semaphore.NewWeighted(int64(limit)), limit: limit,
-		rsem:    semaphore.NewWeighted(int64(limit * ResolvesPerSlot)),
-		running: map[string]int{}, waiting: map[string]int{}}
+	return &Slots{limit: limit, rsem: semaphore.NewWeighted(int64(limit * ResolvesPerSlot))}
 }
 
-// SetLimit changes the number of slots for downloads that ask from now on.
-// Downloads running or waiting keep the slots they asked under, as a config
-// change leaves pulls in flight with the settings they started with; so
-// for a while after a change the total may exceed the new limit.
+// SetLimit changes the number of slots. Downloads running keep their slots:
+// after the limit is lowered, the next download starts once fewer than the
+// new limit run. A raised limit starts waiting downloads at once.
 func (s *Slots) SetLimit(limit int) {
 	if limit < 1 {
 		limit = DefaultLimit
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if limit != s.limit {
-		s.sem = semaphore.NewWeighted(int64(limit))
 		s.rsem = semaphore.NewWeighted(int64(limit * ResolvesPerSlot))
 		s.limit = limit
 	}
+	starts := s.dispatch()
+	s.mu.Unlock()
+	run(starts)
 }
 
 // Limit is the number of slots.
@@ -89,42 +104,91 @@ func (s *Slots) Limit() int {
 	return s.limit
 }
 
-// Acquire waits for a slot, first come first served, until ctx ends. key
-// names the download (the image) so that WillWait can tell a download that
-// waits from one that runs. The returned release gives the slot back; it
-// may be called more than once.
-func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err error) {
+// Wait queues a download of key (the image, so that WillWait can tell a
+// download that waits from one that runs) and returns at once. Once a slot
+// is free for it, first come first served, start runs on a goroutine of its
+// own with the slot's release, which gives the slot back and may be called
+// more than once. cancel takes the download out of the queue and reports
+// whether it did: false once start has been called (or is about to be).
+func (s *Slots) Wait(key string, start func(release func())) (cancel func() bool) {
 	s.mu.Lock()
-	sem := s.sem
 	s.used()
-	s.waiting[key]++
-	s.nWait++
+	w := &waiter{key: key, start: start}
+	w.elem = s.queue.PushBack(w)
+	s.waiting = inc(s.waiting, key)
+	starts := s.dispatch()
 	s.mu.Unlock()
-	err = sem.Acquire(ctx, 1)
-	s.mu.Lock()
-	dec(s.waiting, key)
-	s.nWait--
-	if err == nil {
-		s.running[key]++
-		s.nRun++
-	} else {
+	run(starts)
+	return func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if w.elem == nil {
+			return false
+		}
+		s.queue.Remove(w.elem)
+		w.elem = nil
+		s.waiting = dec(s.waiting, key)
 		s.armIdle()
+		return true
 	}
-	s.mu.Unlock()
-	if err != nil {
-		return nil, err
+}
+
+// Acquire waits for a slot, first come first served, until ctx ends: Wait
+// for a caller that has a goroutine to block. The returned release gives
+// the slot back; it may be called more than once.
+func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err error) {
+	got := make(chan func(), 1)
+	cancel := s.Wait(key, func(release func()) { got <- release })
+	select {
+	case release := <-got:
+		return release, nil
+	case <-ctx.Done():
+		if !cancel() {
+			// The slot came as ctx ended: give it back.
+			(<-got)()
+		}
+		return nil, ctx.Err()
 	}
+}
+
+// dispatch takes waiting downloads off the queue while slots are free and
+// returns their starts, for run once s.mu is released. s.mu is held.
+func (s *Slots) dispatch() []func() {
+	var starts []func()
+	for s.nRun < s.limit && s.queue.Len() > 0 {
+		w := s.queue.Remove(s.queue.Front()).(*waiter)
+		w.elem = nil
+		s.waiting = dec(s.waiting, w.key)
+		s.running = inc(s.running, w.key)
+		s.nRun++
+		release := s.releaser(w.key)
+		start := w.start
+		starts = append(starts, func() { start(release) })
+	}
+	return starts
+}
+
+// releaser returns the release of a slot held by a download of key.
+func (s *Slots) releaser(key string) func() {
 	var once sync.Once
 	return func() {
 		once.Do(func() {
-			sem.Release(1)
 			s.mu.Lock()
-			dec(s.running, key)
+			s.running = dec(s.running, key)
 			s.nRun--
+			starts := s.dispatch()
 			s.armIdle()
 			s.mu.Unlock()
+			run(starts)
 		})
-	}, nil
+	}
+}
+
+// run starts each download handed a slot on a goroutine of its own.
+func run(starts []func()) {
+	for _, f := range starts {
+		go f()
+	}
 }
 
 // Resolve waits for one of the ResolvesPerSlot x limit resolve slots, first
@@ -188,7 +252,7 @@ func (s *Slots) used() {
 
 // busy reports whether a download runs or waits or a manifest request
 // asks or runs. s.mu is held.
-func (s *Slots) busy() bool { return s.nRun > 0 || s.nWait > 0 || s.nRes > 0 }
+func (s *Slots) busy() bool { return s.nRun > 0 || s.queue.Len() > 0 || s.nRes > 0 }
 
 // armIdle starts the idle timer when the last download is done. s.mu is held.
 func (s *Slots) armIdle() {
@@ -212,12 +276,26 @@ func (s *Slots) armIdle() {
 	})
 }
 
-func dec(m map[string]int, key string) {
-	if m[key] <= 1 {
-		delete(m, key)
-		return
+// inc and dec count key in m. A map that empties is dropped: Go maps do not
+// shrink, and a burst's would keep its 1,000 entries' worth of table.
+func inc(m map[string]int, key string) map[string]int {
+	if m == nil {
+		m = map[string]int{}
 	}
-	m[key]--
+	m[key]++
+	return m
+}
+
+func dec(m map[string]int, key string) map[string]int {
+	if m[key] > 1 {
+		m[key]--
+		return m
+	}
+	delete(m, key)
+	if len(m) == 0 {
+		return nil
+	}
+	return m
 }
 
 // WillWait reports whether a download of key asked for now would wait for
@@ -232,7 +310,7 @@ func (s *Slots) WillWait(key string) bool {
 	if s.running[key] > 0 {
 		return false
 	}
-	return s.nWait > 0 || s.nRun >= s.limit
+	return s.queue.Len() > 0 || s.nRun >= s.limit
 }
 
 // Downloading reports whether a download of key holds a slot.
@@ -246,5 +324,5 @@ func (s *Slots) Downloading(key string) bool {
 func (s *Slots) Counts() (running, waiting int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.nRun, s.nWait
+	return s.nRun, s.queue.Len()
 }

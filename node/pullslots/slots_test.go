@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -119,25 +120,90 @@ func TestSetLimit(t *testing.T) {
 	if !s.WillWait("b") {
 		t.Fatal("limit 1 with one running: a new key must wait")
 	}
+	waiter := acquireAsync(context.Background(), s, "b")
+	waitCounts(t, s, 1, 1)
+	// A raised limit starts the download waiting at once, and has room
+	// for one more.
 	s.SetLimit(3)
-	// Downloads asking after the change get the new limit, beside the one
-	// running under the old.
-	var rels []func()
-	for i := range 3 {
-		rels = append(rels, mustAcquire(t, s, fmt.Sprint("n", i)))
+	var rb func()
+	select {
+	case rb = <-waiter:
+	case <-time.After(10 * time.Second):
+		t.Fatal("raising the limit did not start the waiting download")
 	}
-	waitCounts(t, s, 4, 0)
+	rc := mustAcquire(t, s, "c")
+	waitCounts(t, s, 3, 0)
 	if !s.WillWait("x") {
-		t.Error("four running over a limit of three: a new key must wait")
+		t.Error("three running under a limit of three: a new key must wait")
 	}
+	// Lowered below what runs: the running keep their slots, and the next
+	// starts only once fewer than the new limit run.
+	s.SetLimit(1)
+	x := acquireAsync(context.Background(), s, "x")
+	waitCounts(t, s, 3, 1)
 	old()
-	if !s.WillWait("x") {
-		t.Error("three running under the new limit of three: a new key must wait")
-	}
-	for _, r := range rels {
-		r()
+	rb()
+	waitCounts(t, s, 1, 1)
+	rc()
+	select {
+	case rx := <-x:
+		rx()
+	case <-time.After(10 * time.Second):
+		t.Fatal("the download waiting under the lowered limit never started")
 	}
 	waitCounts(t, s, 0, 0)
+}
+
+// TestWaitHoldsNoGoroutine: downloads waiting in the queue are records, not
+// goroutines; each starts on a goroutine of its own when a slot frees, in
+// order, and one taken out of the queue never starts.
+func TestWaitHoldsNoGoroutine(t *testing.T) {
+	s := New(1)
+	rel := mustAcquire(t, s, "first")
+	const n = 1000
+	before := runtime.NumGoroutine()
+	started := make(chan int, n)
+	cancels := make([]func() bool, n)
+	for i := range n {
+		cancels[i] = s.Wait(fmt.Sprint("k", i), func(release func()) {
+			started <- i
+			release()
+		})
+	}
+	waitCounts(t, s, 1, n)
+	if g := runtime.NumGoroutine() - before; g > 10 {
+		t.Errorf("%d downloads waiting made %d goroutines", n, g)
+	}
+	// Every odd one leaves the queue.
+	for i := 1; i < n; i += 2 {
+		if !cancels[i]() {
+			t.Fatalf("waiter %d was not in the queue", i)
+		}
+		if cancels[i]() {
+			t.Fatalf("waiter %d left the queue twice", i)
+		}
+	}
+	waitCounts(t, s, 1, n/2)
+	rel()
+	for want := 0; want < n; want += 2 {
+		select {
+		case got := <-started:
+			if got != want {
+				t.Fatalf("download %d started, want %d: first come, first served", got, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("download %d never started", want)
+		}
+	}
+	waitCounts(t, s, 0, 0)
+	if cancels[0]() {
+		t.Error("cancel of a download that started reported it left the queue")
+	}
+	select {
+	case i := <-started:
+		t.Errorf("download %d started after it left the queue", i)
+	case <-time.After(50 * time.Millisecond):
+	}
 }
 
 func TestCollector(t *testing.T) {
