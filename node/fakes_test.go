@@ -184,6 +184,9 @@ func (p *fakePuller) Pull(ctx context.Context, ref puller.Reference, desc ocispe
 // SignatureRepository: the fake registry holds no signatures; the unit
 // tests run without a verification policy (puller/verify and the
 // integration suite test verification against a real registry).
+// CloseIdleConnections: the fake keeps no connections.
+func (p *fakePuller) CloseIdleConnections() {}
+
 func (p *fakePuller) SignatureRepository(ref puller.Reference, _ puller.Credential) (*remote.Repository, error) {
 	return nil, errors.New("fakePuller: no signatures")
 }

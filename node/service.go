@@ -88,6 +88,9 @@ type Puller interface {
 	// SignatureRepository is ref's repository, reached as the pull reached
 	// it, for reading the image's signatures.
 	SignatureRepository(ref puller.Reference, cred puller.Credential) (*remote.Repository, error)
+	// CloseIdleConnections closes the registry connections kept for
+	// reuse, once a burst of pulls is over.
+	CloseIdleConnections()
 }
 
 // Credentials finds the registry credentials a pod may use: its

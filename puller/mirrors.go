@@ -125,6 +125,23 @@ func (p *Puller) clientFor(ep *hostsconf.Endpoint) (*http.Client, error) {
 	return c, nil
 }
 
+// CloseIdleConnections closes the idle connections of the transport
+// under t.
+func (t *endpointTransport) CloseIdleConnections() { closeIdle(t.base) }
+
+// CloseIdleConnections closes the registry connections kept open for
+// reuse, the puller's own and those of each mirror with settings of its
+// own: each is two goroutines and its buffers. The daemon calls it when a
+// burst of pulls is over; the next pull dials again.
+func (p *Puller) CloseIdleConnections() {
+	p.client.CloseIdleConnections()
+	p.endpoints.mu.Lock()
+	defer p.endpoints.mu.Unlock()
+	for _, c := range p.endpoints.m {
+		c.CloseIdleConnections()
+	}
+}
+
 func endpointKey(ep *hostsconf.Endpoint) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%s|%s|%t|%t|%s|", ep.Registry, ep.Scheme, ep.Insecure, ep.SkipVerify, ep.Root)
