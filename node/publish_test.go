@@ -571,3 +571,49 @@ func TestQueuedPullsHoldNoGoroutine(t *testing.T) {
 		t.Errorf("%d downloads for %d modules", got, n+1)
 	}
 }
+
+// TestPullsWaitingToResolveHoldNoGoroutine: pulls waiting for one of the
+// resolve slots (the manifest requests are held at the registry) are
+// records in that queue, not goroutines; once the registry answers, each
+// is downloaded once and its publish's retry is served.
+func TestPullsWaitingToResolveHoldNoGoroutine(t *testing.T) {
+	e := newUnitEnv(t, config.FileConfig{})
+	bound := e.svc.slots.Limit() * pullslots.ResolvesPerSlot
+	gate := make(chan struct{})
+	e.reg.mu.Lock()
+	e.reg.resolveGate = gate
+	e.reg.mu.Unlock()
+	const waiting = 200
+	reqs := e.distinctImages(t, "r", bound+waiting, PullIfNotPresent)
+	before := runtime.NumGoroutine()
+	for _, req := range reqs {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		err := e.svc.Publish(ctx, req)
+		cancel()
+		if !isKind(err, errdefs.ErrPullPending) {
+			t.Fatalf("publish of %s while manifest requests are held: %v, want ErrPullPending", req.Image.Original, err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for e.reg.resolvingNow() < bound && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := e.reg.resolvingNow(); got != bound {
+		t.Fatalf("%d manifest requests held, want %d", got, bound)
+	}
+	// The held requests' goroutines, and some for the runtime and the
+	// test; a goroutine per waiting pull would be 200 more.
+	if g := runtime.NumGoroutine() - before; g > bound+waiting/10 {
+		t.Errorf("%d pulls waiting to resolve (%d resolving) hold %d goroutines", waiting, bound, g)
+	}
+	close(gate)
+	for _, req := range reqs {
+		if err := e.svc.Publish(context.Background(), req); err != nil {
+			t.Fatalf("retry of %s: %v", req.Image.Original, err)
+		}
+	}
+	e.publishedAll(t, reqs)
+	if got := e.reg.pullCount(); got != len(reqs) {
+		t.Errorf("%d downloads for %d modules", got, len(reqs))
+	}
+}

@@ -163,7 +163,7 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, ca
 	defer s.askers.ask(key)()
 	c, leader := s.flights.join(key)
 	if leader {
-		go s.runPull(context.WithoutCancel(ctx), c, key, ref, acc)
+		s.startPull(context.WithoutCancel(ctx), c, key, ref, acc)
 	}
 	if call && !s.holdCaller(key) {
 		select {
@@ -187,11 +187,15 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, ca
 	}
 }
 
-// runPull runs the pull c of ref up to its download: what a tag names, and
-// whether the module is on the node already. A download is queued for a
-// pull slot (queueDownload) and this goroutine ends; the pull ends when the
-// download does.
-func (s *Service) runPull(ctx context.Context, c *pullCall, key string, ref puller.Reference, acc access) {
+// startPull starts the pull c of ref and returns at once. The pull first
+// waits for a resolve slot, then runs planPull holding it (what a tag
+// names, and whether the module is on the node already), then waits for a
+// download slot and downloads. While it waits for a slot it is a record in
+// that slot's queue (pullslots), not a goroutine: a burst of 1,000 pulls
+// kept ~1,000 goroutines waiting before. Each wait ends with the pull
+// timeout; the wait for a download slot also ends when nobody asks for the
+// pull any more (abandon.go).
+func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref puller.Reference, acc access) {
 	// An image that keeps failing is not asked for again before its
 	// damping window ends (damping.go).
 	if err := s.damp.check(key, acc.key); err != nil {
@@ -205,12 +209,20 @@ func (s *Service) runPull(ctx context.Context, c *pullCall, key string, ref pull
 		s.askers.forget(key)
 		s.flights.end(key, c, pullResult{rec, cached, acc.key}, err)
 	}
-	p, rec, done, err := s.planPull(ctx, ref, acc)
-	if done {
-		end(rec, err == nil, err)
-		return
-	}
-	s.queueDownload(ctx, key, p, end)
+	queued(s.slots.WaitResolve, func(release func()) {
+		p, rec, done, err := s.planPull(ctx, ref, acc, release)
+		release()
+		if done {
+			end(rec, err == nil, err)
+			return
+		}
+		s.queueDownload(ctx, key, p, end)
+	}, func(leave func() bool) []func() {
+		return []func(){s.afterTimeout(ctx, leave, end, func() error {
+			return errdefs.New(errdefs.ErrUnavailable, ref.Original, ctx.Err(),
+				"waited to ask the registry for the manifest (%d requests at a time) and the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
+		})}
+	})
 }
 
 // queueDownload queues p's download for one of the limits.maxConcurrentPulls
@@ -225,41 +237,62 @@ func (s *Service) queueDownload(ctx context.Context, key string, p *pullPlan, en
 		running, waiting := s.slots.Counts()
 		s.log.Info("waiting for a pull slot", "image", p.ref.Original, "inFlight", running, "waiting", waiting, "slots", s.slots.Limit())
 	}
-	queued := time.Now()
+	since := time.Now()
+	wait := func(start func(func())) func() bool { return s.slots.Wait(key, start) }
+	queued(wait, func(release func()) {
+		rec, cached, err := s.downloadPlan(ctx, p)
+		release()
+		end(rec, cached, err)
+	}, func(leave func() bool) []func() {
+		abandoned := s.askers.watchAbandon(key, s.abandonAfter, func(error) {
+			if leave() {
+				// Not a failure (not damped, no Failed event): a pod
+				// that asks again queues the pull again.
+				end(store.RefRecord{}, false, errdefs.New(errdefs.ErrPullPending, p.ref.Original, errAbandoned,
+					"the queued pull was dropped: no pod asked for it for %s; the next publish queues it again", s.abandonAfter))
+			}
+		})
+		timedOut := s.afterTimeout(ctx, leave, end, func() error {
+			return errdefs.New(errdefs.ErrUnavailable, p.ref.Original, ctx.Err(),
+				"waited %s for one of the %d pull slots and the download never started; raise limits.maxConcurrentPulls or pre-pull the module", time.Since(since).Round(time.Second), s.slots.Limit())
+		})
+		return []func(){abandoned, timedOut}
+	})
+}
+
+// queued puts start in a queue with wait (pullslots' Wait or WaitResolve)
+// and calls watch, which sets up what takes it out of the queue (leave)
+// before it starts and returns how to stop those watches; they are stopped
+// once start runs.
+func queued(wait func(start func(release func())) (leave func() bool), start func(release func()), watch func(leave func() bool) (stops []func())) {
 	var mu sync.Mutex
 	started := false
 	var stops []func()
-	leave := s.slots.Wait(key, func(release func()) {
+	leave := wait(func(release func()) {
 		mu.Lock()
 		started = true
 		for _, stop := range stops {
 			stop()
 		}
 		mu.Unlock()
-		rec, cached, err := s.downloadPlan(ctx, p)
-		release()
-		end(rec, cached, err)
+		start(release)
 	})
 	mu.Lock()
 	defer mu.Unlock()
-	if started {
-		return
+	if !started {
+		stops = watch(leave)
 	}
-	stops = append(stops, s.askers.watchAbandon(key, s.abandonAfter, func(error) {
+}
+
+// afterTimeout ends a queued pull with why() when ctx ends before it leaves
+// the queue; the returned stop ends the watch.
+func (s *Service) afterTimeout(ctx context.Context, leave func() bool, end func(store.RefRecord, bool, error), why func() error) (stop func()) {
+	stopAfter := context.AfterFunc(ctx, func() {
 		if leave() {
-			// Not a failure (not damped, no Failed event): a pod that
-			// asks again queues the pull again.
-			end(store.RefRecord{}, false, errdefs.New(errdefs.ErrPullPending, p.ref.Original, errAbandoned,
-				"the queued pull was dropped: no pod asked for it for %s; the next publish queues it again", s.abandonAfter))
-		}
-	}))
-	stopTimeout := context.AfterFunc(ctx, func() {
-		if leave() {
-			end(store.RefRecord{}, false, errdefs.New(errdefs.ErrUnavailable, p.ref.Original, ctx.Err(),
-				"waited %s for one of the %d pull slots and the download never started; raise limits.maxConcurrentPulls or pre-pull the module", time.Since(queued).Round(time.Second), s.slots.Limit()))
+			end(store.RefRecord{}, false, why())
 		}
 	})
-	stops = append(stops, func() { stopTimeout() })
+	return func() { stopAfter() }
 }
 
 // MaxHeldCallers is how many publishes may wait in their call for a pull
@@ -307,6 +340,9 @@ type pullPlan struct {
 	// for its digest in the same pull.
 	down    map[int]bool
 	lastErr error
+	// held is the release of the resolve slot the pull started with, for
+	// its first manifest request (resolveFor); nil once used.
+	held func()
 	// next is the source to download from, src the reference to ask it
 	// for, d its manifest and cred the credential it took.
 	next int
@@ -318,10 +354,11 @@ type pullPlan struct {
 // planPull resolves ref's tag and finds the first source to download from,
 // without a pull slot: a module already on the node, under a tag or a
 // digest asked for with pullPolicy Always, is never queued behind
-// downloads. done is true when the pull ends here: the module is on the
-// node (rec) or no source serves it (err).
-func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access) (p *pullPlan, rec store.RefRecord, done bool, err error) {
-	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: time.Now(), resolvedAt: -1, down: map[int]bool{}}
+// downloads. It holds a resolve slot (held, its release) for its first
+// manifest request. done is true when the pull ends here: the module is on
+// the node (rec) or no source serves it (err).
+func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access, held func()) (p *pullPlan, rec store.RefRecord, done bool, err error) {
+	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: time.Now(), resolvedAt: -1, down: map[int]bool{}, held: held}
 	if p.srcs, err = p.st.puller.Sources(ref); err != nil {
 		return nil, store.RefRecord{}, true, err
 	}
@@ -330,7 +367,7 @@ func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access
 			if !src.CanResolve() {
 				continue
 			}
-			if p.desc, p.used, err = s.resolveAt(ctx, p.st, src, acc); err == nil {
+			if p.desc, p.used, err = s.resolveFor(ctx, p, src); err == nil {
 				p.resolvedAt = i
 				break
 			}
@@ -369,7 +406,7 @@ func (s *Service) sourceFrom(ctx context.Context, p *pullPlan, i int) (rec store
 			if p.ref.Digest == "" {
 				src.Tag, src.Digest = "", p.desc.Digest
 			}
-			if d, cred, err = s.resolveAt(ctx, p.st, src, p.acc); err != nil {
+			if d, cred, err = s.resolveFor(ctx, p, src); err != nil {
 				if s.failed(ctx, p, src, err) {
 					return store.RefRecord{}, true, p.lastErr
 				}
@@ -386,6 +423,17 @@ func (s *Service) sourceFrom(ctx context.Context, p *pullPlan, i int) (rec store
 		p.lastErr = errdefs.New(errdefs.ErrInvalidArgument, p.ref.Original, nil, "no configured source may pull the module (hosts.toml capabilities)")
 	}
 	return store.RefRecord{}, true, p.lastErr
+}
+
+// resolveFor asks src which manifest it names for pull p, in the resolve slot
+// p started with if it has not been used yet.
+func (s *Service) resolveFor(ctx context.Context, p *pullPlan, src puller.Reference) (ocispec.Descriptor, puller.Credential, error) {
+	if held := p.held; held != nil {
+		p.held = nil
+		defer held()
+		return s.resolveHeld(ctx, p.st, src, p.acc)
+	}
+	return s.resolveAt(ctx, p.st, src, p.acc)
 }
 
 // failed records a source's failure and says whether to stop the pull.
@@ -430,6 +478,11 @@ func (s *Service) resolveAt(ctx context.Context, st *settings, src puller.Refere
 			"waiting to ask the registry for the manifest (%d requests at a time): the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
 	}
 	defer release()
+	return s.resolveHeld(ctx, st, src, acc)
+}
+
+// resolveHeld is resolveAt for a caller holding a resolve slot.
+func (s *Service) resolveHeld(ctx context.Context, st *settings, src puller.Reference, acc access) (ocispec.Descriptor, puller.Credential, error) {
 	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
 	if err != nil {
 		return ocispec.Descriptor{}, puller.Credential{}, err

@@ -3,15 +3,15 @@
 // connections of a download are paid per slot, so a burst of pods asking for
 // distinct modules queues instead of growing the daemon past its limit.
 //
-// It owns the slots and their queue, first come first served, the count of
-// downloads running and waiting, per key and in total, and the resolve slots
-// that bound the manifest requests made on the way to a download
-// (ResolvesPerSlot per download slot, a semaphore of their own,
-// golang.org/x/sync/semaphore: a manifest check never waits behind a
-// download). A download waiting for a slot is a record in the queue, not a
-// goroutine (Wait), so a burst of any size queues in a few hundred bytes
-// per pull. It does not decide what is downloaded, join two publishes of one
-// image (the node does), or hold any buffer.
+// It owns two sets of slots, each with its queue, first come first served:
+// the download slots, with the count of downloads running and waiting per
+// key and in total, and the resolve slots that bound the manifest requests
+// made on the way to a download (ResolvesPerSlot per download slot, apart:
+// a manifest check never waits behind a download). Whatever waits for a
+// slot is a record in a queue, not a goroutine (Wait, WaitResolve), so a
+// burst of any size queues in a few hundred bytes per pull. It does not
+// decide what is downloaded, join two publishes of one image (the node
+// does), or hold any buffer.
 package pullslots
 
 import (
@@ -19,8 +19,6 @@ import (
 	"context"
 	"sync"
 	"time"
-
-	"golang.org/x/sync/semaphore"
 )
 
 // DefaultLimit is the number of downloads in flight when the config file
@@ -34,27 +32,19 @@ const DefaultLimit = 4
 // slot; a few per slot keep the downloads fed.
 const ResolvesPerSlot = 4
 
-// Slots is a resizable FIFO limit on downloads in flight. The zero value is
-// not usable: use New.
+// Slots is a resizable FIFO limit on downloads in flight and on manifest
+// requests. The zero value is not usable: use New.
 //
-// The queue is written here rather than taken from
-// golang.org/x/sync/semaphore (which the resolve slots use): a semaphore's
-// waiter is a goroutine blocked in Acquire, and a burst of 1,000 publishes
-// kept ~700 of them, each with its stack and a runtime record the Go
-// runtime never frees, scattered through the heap the burst left behind.
+// The queues are written here rather than taken from
+// golang.org/x/sync/semaphore: a semaphore's waiter is a goroutine blocked
+// in Acquire, and a burst of 1,000 publishes kept ~700 of them waiting for
+// a download slot and ~330 for a resolve slot, each with its stack and a
+// runtime record the Go runtime never frees, scattered through the heap the
+// burst left behind.
 type Slots struct {
-	mu    sync.Mutex
-	limit int
-	// queue holds the *waiter of each download waiting for a slot,
-	// oldest first.
-	queue   list.List
-	running map[string]int
-	waiting map[string]int
-	nRun    int
-	// rsem bounds manifest requests; nRes counts those asking or holding
-	// one, so that the slots are not idle while they run.
-	rsem *semaphore.Weighted
-	nRes int
+	mu sync.Mutex
+	// dl are the download slots, res the resolve slots.
+	dl, res fifo
 
 	// gen counts requests for a slot, so an idle timer knows whether the
 	// slots were used since it was set.
@@ -64,7 +54,18 @@ type Slots struct {
 	idleTimer *time.Timer
 }
 
-// waiter is a download waiting in the queue.
+// fifo is a limit with its queue. Slots.mu guards it.
+type fifo struct {
+	limit int
+	// queue holds the *waiter of each request waiting for a slot,
+	// oldest first.
+	queue   list.List
+	running map[string]int
+	waiting map[string]int
+	nRun    int
+}
+
+// waiter is a request waiting in a queue.
 type waiter struct {
 	key   string
 	start func(release func())
@@ -77,31 +78,31 @@ func New(limit int) *Slots {
 	if limit < 1 {
 		limit = DefaultLimit
 	}
-	return &Slots{limit: limit, rsem: semaphore.NewWeighted(int64(limit * ResolvesPerSlot))}
+	s := &Slots{}
+	s.dl.limit, s.res.limit = limit, limit*ResolvesPerSlot
+	return s
 }
 
-// SetLimit changes the number of slots. Downloads running keep their slots:
-// after the limit is lowered, the next download starts once fewer than the
-// new limit run. A raised limit starts waiting downloads at once.
+// SetLimit changes the number of download slots, and with it the resolve
+// slots. Requests running keep their slots: after the limit is lowered, the
+// next starts once fewer than the new limit run. A raised limit starts
+// waiting requests at once.
 func (s *Slots) SetLimit(limit int) {
 	if limit < 1 {
 		limit = DefaultLimit
 	}
 	s.mu.Lock()
-	if limit != s.limit {
-		s.rsem = semaphore.NewWeighted(int64(limit * ResolvesPerSlot))
-		s.limit = limit
-	}
-	starts := s.dispatch()
+	s.dl.limit, s.res.limit = limit, limit*ResolvesPerSlot
+	starts := append(s.dispatch(&s.dl), s.dispatch(&s.res)...)
 	s.mu.Unlock()
 	run(starts)
 }
 
-// Limit is the number of slots.
+// Limit is the number of download slots.
 func (s *Slots) Limit() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.limit
+	return s.dl.limit
 }
 
 // Wait queues a download of key (the image, so that WillWait can tell a
@@ -111,12 +112,36 @@ func (s *Slots) Limit() int {
 // more than once. cancel takes the download out of the queue and reports
 // whether it did: false once start has been called (or is about to be).
 func (s *Slots) Wait(key string, start func(release func())) (cancel func() bool) {
+	return s.wait(&s.dl, key, start)
+}
+
+// WaitResolve queues a request for one of the ResolvesPerSlot x limit
+// resolve slots, as Wait does for a download slot. A resolve slot is held
+// for a manifest request, never while waiting for a download slot.
+func (s *Slots) WaitResolve(start func(release func())) (cancel func() bool) {
+	return s.wait(&s.res, "", start)
+}
+
+// Acquire waits for a download slot, first come first served, until ctx
+// ends: Wait for a caller that has a goroutine to block. The returned
+// release gives the slot back; it may be called more than once.
+func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err error) {
+	return s.acquire(ctx, &s.dl, key)
+}
+
+// Resolve waits for a resolve slot until ctx ends, as Acquire does for a
+// download slot.
+func (s *Slots) Resolve(ctx context.Context) (release func(), err error) {
+	return s.acquire(ctx, &s.res, "")
+}
+
+func (s *Slots) wait(q *fifo, key string, start func(release func())) (cancel func() bool) {
 	s.mu.Lock()
 	s.used()
 	w := &waiter{key: key, start: start}
-	w.elem = s.queue.PushBack(w)
-	s.waiting = inc(s.waiting, key)
-	starts := s.dispatch()
+	w.elem = q.queue.PushBack(w)
+	q.waiting = inc(q.waiting, key)
+	starts := s.dispatch(q)
 	s.mu.Unlock()
 	run(starts)
 	return func() bool {
@@ -125,20 +150,17 @@ func (s *Slots) Wait(key string, start func(release func())) (cancel func() bool
 		if w.elem == nil {
 			return false
 		}
-		s.queue.Remove(w.elem)
+		q.queue.Remove(w.elem)
 		w.elem = nil
-		s.waiting = dec(s.waiting, key)
+		q.waiting = dec(q.waiting, key)
 		s.armIdle()
 		return true
 	}
 }
 
-// Acquire waits for a slot, first come first served, until ctx ends: Wait
-// for a caller that has a goroutine to block. The returned release gives
-// the slot back; it may be called more than once.
-func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err error) {
+func (s *Slots) acquire(ctx context.Context, q *fifo, key string) (release func(), err error) {
 	got := make(chan func(), 1)
-	cancel := s.Wait(key, func(release func()) { got <- release })
+	cancel := s.wait(q, key, func(release func()) { got <- release })
 	select {
 	case release := <-got:
 		return release, nil
@@ -151,32 +173,32 @@ func (s *Slots) Acquire(ctx context.Context, key string) (release func(), err er
 	}
 }
 
-// dispatch takes waiting downloads off the queue while slots are free and
-// returns their starts, for run once s.mu is released. s.mu is held.
-func (s *Slots) dispatch() []func() {
+// dispatch takes waiting requests off q while slots are free and returns
+// their starts, for run once s.mu is released. s.mu is held.
+func (s *Slots) dispatch(q *fifo) []func() {
 	var starts []func()
-	for s.nRun < s.limit && s.queue.Len() > 0 {
-		w := s.queue.Remove(s.queue.Front()).(*waiter)
+	for q.nRun < q.limit && q.queue.Len() > 0 {
+		w := q.queue.Remove(q.queue.Front()).(*waiter)
 		w.elem = nil
-		s.waiting = dec(s.waiting, w.key)
-		s.running = inc(s.running, w.key)
-		s.nRun++
-		release := s.releaser(w.key)
+		q.waiting = dec(q.waiting, w.key)
+		q.running = inc(q.running, w.key)
+		q.nRun++
+		release := s.releaser(q, w.key)
 		start := w.start
 		starts = append(starts, func() { start(release) })
 	}
 	return starts
 }
 
-// releaser returns the release of a slot held by a download of key.
-func (s *Slots) releaser(key string) func() {
+// releaser returns the release of a slot of q held for key.
+func (s *Slots) releaser(q *fifo, key string) func() {
 	var once sync.Once
 	return func() {
 		once.Do(func() {
 			s.mu.Lock()
-			s.running = dec(s.running, key)
-			s.nRun--
-			starts := s.dispatch()
+			q.running = dec(q.running, key)
+			q.nRun--
+			starts := s.dispatch(q)
 			s.armIdle()
 			s.mu.Unlock()
 			run(starts)
@@ -184,40 +206,11 @@ func (s *Slots) releaser(key string) func() {
 	}
 }
 
-// run starts each download handed a slot on a goroutine of its own.
+// run starts each request handed a slot on a goroutine of its own.
 func run(starts []func()) {
 	for _, f := range starts {
 		go f()
 	}
-}
-
-// Resolve waits for one of the ResolvesPerSlot x limit resolve slots, first
-// come first served, until ctx ends; the returned release (which may be
-// called more than once) gives it back. A resolve slot is held for one
-// manifest request, never while waiting for a download slot.
-func (s *Slots) Resolve(ctx context.Context) (release func(), err error) {
-	s.mu.Lock()
-	sem := s.rsem
-	s.used()
-	s.nRes++
-	s.mu.Unlock()
-	done := func() {
-		s.mu.Lock()
-		s.nRes--
-		s.armIdle()
-		s.mu.Unlock()
-	}
-	if err := sem.Acquire(ctx, 1); err != nil {
-		done()
-		return nil, err
-	}
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			sem.Release(1)
-			done()
-		})
-	}, nil
 }
 
 // OnIdle makes fn run, in a goroutine of its own, each time the slots have
@@ -250,9 +243,11 @@ func (s *Slots) used() {
 	}
 }
 
-// busy reports whether a download runs or waits or a manifest request
-// asks or runs. s.mu is held.
-func (s *Slots) busy() bool { return s.nRun > 0 || s.queue.Len() > 0 || s.nRes > 0 }
+// busy reports whether a download or a manifest request runs or waits.
+// s.mu is held.
+func (s *Slots) busy() bool {
+	return s.dl.nRun > 0 || s.dl.queue.Len() > 0 || s.res.nRun > 0 || s.res.queue.Len() > 0
+}
 
 // armIdle starts the idle timer when the last download is done. s.mu is held.
 func (s *Slots) armIdle() {
@@ -304,25 +299,25 @@ func dec(m map[string]int, key string) map[string]int {
 func (s *Slots) WillWait(key string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.waiting[key] > 0 {
+	if s.dl.waiting[key] > 0 {
 		return true
 	}
-	if s.running[key] > 0 {
+	if s.dl.running[key] > 0 {
 		return false
 	}
-	return s.queue.Len() > 0 || s.nRun >= s.limit
+	return s.dl.queue.Len() > 0 || s.dl.nRun >= s.dl.limit
 }
 
 // Downloading reports whether a download of key holds a slot.
 func (s *Slots) Downloading(key string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.running[key] > 0
+	return s.dl.running[key] > 0
 }
 
 // Counts returns the downloads holding a slot and those waiting for one.
 func (s *Slots) Counts() (running, waiting int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.nRun, s.queue.Len()
+	return s.dl.nRun, s.dl.queue.Len()
 }

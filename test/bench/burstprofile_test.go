@@ -17,7 +17,8 @@ import (
 // profileBurst samples a daemon built with -tags pprof during a burst when
 // BURST_PROFILE names a directory: every second it reads VmRSS and the
 // goroutine count, and keeps the heap profile taken at the highest VmRSS
-// (heap-peak.pb.gz) and the goroutine dump there (goroutines-peak.txt). The
+// (heap-peak.pb.gz) and the goroutine dump there (goroutines-peak.txt), and
+// the dump with the most goroutines (goroutines-most.txt). The
 // returned stop ends the sampling and saves the allocations profile of the
 // whole burst (allocs.pb.gz).
 func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
@@ -37,6 +38,7 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 	go func() {
 		defer wg.Done()
 		var top float64
+		most := 0
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
 		for {
@@ -48,6 +50,11 @@ func profileBurst(b *testing.B, d *harness.Daemon) (stop func()) {
 			rss := rssKiB(b, d.Pid(), "VmRSS")
 			g := get("/debug/pprof/goroutine?debug=1")
 			n := strings.SplitN(string(g), "\n", 2)[0]
+			var count int
+			if _, err := fmt.Sscanf(n, "goroutine profile: total %d", &count); err == nil && count > most {
+				most = count
+				os.WriteFile(filepath.Join(dir, "goroutines-most.txt"), g, 0o644)
+			}
 			b.Logf("profile: VmRSS %.1f MiB, %s, %s", rss/1024, n, memStats(get("/debug/pprof/heap?debug=1")))
 			if rss > top {
 				top = rss
