@@ -218,6 +218,30 @@ func healthz(t *testing.T, d *harness.Daemon) (int, string) {
 // with PermissionDenied before any request to its registry; the list
 // changes live; a prePull entry outside it refuses the whole file and the
 // last good config stays; running pods keep their mounts.
+// TestGarbageCollectorTarget: the daemon runs its collector at GOGC=50
+// unless its environment sets GOGC, which wins (the Go runtime's own figure,
+// go_gc_gogc_percent, says which it runs with).
+func TestGarbageCollectorTarget(t *testing.T) {
+	t.Parallel()
+	want := 50.0
+	if v, ok := os.LookupEnv("GOGC"); ok {
+		// The test's own environment reaches the daemon.
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			t.Skipf("GOGC=%q in the test's environment", v)
+		}
+		want = float64(n)
+	}
+	def := newEnv(t)
+	if got := metric(t, scrape(t, def.d), "go_gc_gogc_percent"); got != want {
+		t.Errorf("go_gc_gogc_percent = %v, want %v", got, want)
+	}
+	set := newEnvOpts(t, harness.DaemonOptions{Args: []string{"--insecure-registry=" + reg.ProxyHost()}, Env: []string{"GOGC=80"}})
+	if got := metric(t, scrape(t, set.d), "go_gc_gogc_percent"); got != 80 {
+		t.Errorf("with GOGC=80: go_gc_gogc_percent = %v, want 80", got)
+	}
+}
+
 func TestRegistriesAllowed(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()

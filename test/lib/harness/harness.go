@@ -134,6 +134,7 @@ type Daemon struct {
 	Root   string
 	Socket string
 	Args   []string
+	Env    []string
 
 	mu       sync.Mutex
 	cmd      *exec.Cmd
@@ -149,6 +150,8 @@ type DaemonOptions struct {
 	Root string
 	// Args are more flags, e.g. --insecure-registry=HOST.
 	Args []string
+	// Env are more environment variables (KEY=value) over the test's own.
+	Env []string
 }
 
 // StartDaemon starts the daemon and waits until it answers Probe. It is
@@ -165,6 +168,7 @@ func StartDaemon(t testing.TB, bin string, opts DaemonOptions) *Daemon {
 		Root:   root,
 		Socket: filepath.Join(dir, "csi.sock"),
 		Args:   opts.Args,
+		Env:    opts.Env,
 	}
 	if err := d.Start(); err != nil {
 		t.Fatal(err)
@@ -219,6 +223,10 @@ func (d *Daemon) Start() error {
 		"--log-level=debug",
 	}, d.Args...)
 	cmd := exec.Command(d.Bin, args...)
+	if len(d.Env) > 0 {
+		// os/exec keeps the last value of a key given twice.
+		cmd.Env = append(os.Environ(), d.Env...)
+	}
 	cmd.Stdout = d.logs
 	cmd.Stderr = d.logs
 	if err := cmd.Start(); err != nil {
