@@ -59,15 +59,18 @@ func (a *askers) ask(key string) (done func()) {
 }
 
 // idleFor is how long nobody has waited on or asked for the pull of key: 0
-// while someone waits, or when the pull is not recorded (never abandoned).
-func (a *askers) idleFor(key string, now time.Time) time.Duration {
+// while someone waits. recorded is false once the pull has ended (forget).
+func (a *askers) idleFor(key string, now time.Time) (idle time.Duration, recorded bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	e := a.m[key]
-	if e == nil || e.waiting > 0 {
-		return 0
+	if e == nil {
+		return 0, false
 	}
-	return now.Sub(e.last)
+	if e.waiting > 0 {
+		return 0, true
+	}
+	return now.Sub(e.last), true
 }
 
 // forget drops the record of the pull of key, when the pull ends.
@@ -81,25 +84,30 @@ func (a *askers) forget(key string) {
 }
 
 // watchAbandon calls cancel(errAbandoned) once the pull of key has gone
-// unasked for after (checked with timers, no goroutine). stop ends the
-// watch.
+// unasked for after (checked with timers, no goroutine). The watch ends
+// when stop is called, when cancel is, or once the pull has ended; cancel
+// may call stop.
 func (a *askers) watchAbandon(key string, after time.Duration, cancel func(error)) (stop func()) {
 	var mu sync.Mutex
 	stopped := false
 	var t *time.Timer
 	var check func()
 	check = func() {
-		idle := a.idleFor(key, time.Now())
+		idle, recorded := a.idleFor(key, time.Now())
 		mu.Lock()
-		defer mu.Unlock()
-		if stopped {
+		if stopped || !recorded {
+			stopped = true
+			mu.Unlock()
 			return
 		}
 		if idle >= after {
+			stopped = true
+			mu.Unlock()
 			cancel(errAbandoned)
 			return
 		}
 		t = time.AfterFunc(after-idle, check)
+		mu.Unlock()
 	}
 	mu.Lock()
 	t = time.AfterFunc(after, check)

@@ -617,3 +617,32 @@ func TestPullsWaitingToResolveHoldNoGoroutine(t *testing.T) {
 		t.Errorf("%d downloads for %d modules", got, len(reqs))
 	}
 }
+
+// TestQueuedPullTimesOut: a pull that waits for a download slot past the
+// pull timeout leaves the queue and fails with Unavailable, saying so,
+// without downloading; the pull holding the slot is not disturbed.
+func TestQueuedPullTimesOut(t *testing.T) {
+	one := 1
+	e := newUnitEnv(t, config.FileConfig{Limits: config.LimitsConfig{MaxConcurrentPulls: &one}})
+	e.reg.pulling = make(chan struct{}, 2)
+	e.reg.release = make(chan struct{})
+	reqs := e.distinctImages(t, "t", 2, PullIfNotPresent)
+	firstDone := make(chan error, 1)
+	go func() { firstDone <- e.svc.Publish(context.Background(), reqs[0]) }()
+	<-e.reg.pulling // the one slot is taken
+	e.svc.cfg.PullTimeout = 200 * time.Millisecond
+	err := e.svc.Publish(context.Background(), reqs[1])
+	if !isKind(err, errdefs.ErrUnavailable) || !isKind(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "download never started") {
+		t.Fatalf("publish whose pull waited past its timeout: %v, want Unavailable saying the download never started", err)
+	}
+	if running, waiting := e.svc.slots.Counts(); running != 1 || waiting != 0 {
+		t.Errorf("after the timeout: %d running, %d waiting; want the first pull's only", running, waiting)
+	}
+	close(e.reg.release)
+	if err := <-firstDone; err != nil {
+		t.Fatal(err)
+	}
+	if got := e.reg.pullCount(); got != 1 {
+		t.Errorf("%d downloads, want 1: the pull that timed out in the queue downloaded", got)
+	}
+}

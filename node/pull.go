@@ -199,9 +199,11 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 	// An image that keeps failing is not asked for again before its
 	// damping window ends (damping.go).
 	if err := s.damp.check(key, acc.key); err != nil {
+		s.askers.forget(key)
 		s.flights.end(key, c, pullResult{}, err)
 		return
 	}
+	started := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.PullTimeout)
 	end := func(rec store.RefRecord, cached bool, err error) {
 		cancel()
@@ -210,7 +212,7 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 		s.flights.end(key, c, pullResult{rec, cached, acc.key}, err)
 	}
 	queued(s.slots.WaitResolve, func(release func()) {
-		p, rec, done, err := s.planPull(ctx, ref, acc, release)
+		p, rec, done, err := s.planPull(ctx, ref, acc, release, started)
 		release()
 		if done {
 			end(rec, err == nil, err)
@@ -220,7 +222,7 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 	}, func(leave func() bool) []func() {
 		return []func(){s.afterTimeout(ctx, leave, end, func() error {
 			return errdefs.New(errdefs.ErrUnavailable, ref.Original, ctx.Err(),
-				"waited to ask the registry for the manifest (%d requests at a time) and the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
+				"waiting to ask the registry for the manifest (%d requests at a time): the pull ran out of time", s.slots.Limit()*pullslots.ResolvesPerSlot)
 		})}
 	})
 }
@@ -262,8 +264,8 @@ func (s *Service) queueDownload(ctx context.Context, key string, p *pullPlan, en
 
 // queued puts start in a queue with wait (pullslots' Wait or WaitResolve)
 // and calls watch, which sets up what takes it out of the queue (leave)
-// before it starts and returns how to stop those watches; they are stopped
-// once start runs.
+// before it starts and returns how to stop those watches. They are all
+// stopped once start runs or one of them takes it out.
 func queued(wait func(start func(release func())) (leave func() bool), start func(release func()), watch func(leave func() bool) (stops []func())) {
 	var mu sync.Mutex
 	started := false
@@ -277,10 +279,24 @@ func queued(wait func(start func(release func())) (leave func() bool), start fun
 		mu.Unlock()
 		start(release)
 	})
+	// A watch's callback runs on a goroutine of its own, after watch has
+	// returned and stops is set (mu).
+	leaveAndStop := func() bool {
+		if !leave() {
+			return false
+		}
+		mu.Lock()
+		all := stops
+		mu.Unlock()
+		for _, stop := range all {
+			stop()
+		}
+		return true
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if !started {
-		stops = watch(leave)
+		stops = watch(leaveAndStop)
 	}
 }
 
@@ -343,6 +359,10 @@ type pullPlan struct {
 	// held is the release of the resolve slot the pull started with, for
 	// its first manifest request (resolveFor); nil once used.
 	held func()
+	// inSlot: the pull holds a download slot, which bounds its manifest
+	// requests (a mirror fallback's) without a resolve slot: it does not
+	// keep a download slot idle in the queue for one.
+	inSlot bool
 	// next is the source to download from, src the reference to ask it
 	// for, d its manifest and cred the credential it took.
 	next int
@@ -355,10 +375,10 @@ type pullPlan struct {
 // without a pull slot: a module already on the node, under a tag or a
 // digest asked for with pullPolicy Always, is never queued behind
 // downloads. It holds a resolve slot (held, its release) for its first
-// manifest request. done is true when the pull ends here: the module is on
+// manifest request; start is when the pull started. done is true when the pull ends here: the module is on
 // the node (rec) or no source serves it (err).
-func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access, held func()) (p *pullPlan, rec store.RefRecord, done bool, err error) {
-	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: time.Now(), resolvedAt: -1, down: map[int]bool{}, held: held}
+func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access, held func(), start time.Time) (p *pullPlan, rec store.RefRecord, done bool, err error) {
+	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: start, resolvedAt: -1, down: map[int]bool{}, held: held}
 	if p.srcs, err = p.st.puller.Sources(ref); err != nil {
 		return nil, store.RefRecord{}, true, err
 	}
@@ -425,12 +445,16 @@ func (s *Service) sourceFrom(ctx context.Context, p *pullPlan, i int) (rec store
 	return store.RefRecord{}, true, p.lastErr
 }
 
-// resolveFor asks src which manifest it names for pull p, in the resolve slot
-// p started with if it has not been used yet.
+// resolveFor asks src which manifest it names for pull p: in the resolve
+// slot p started with if it has not been used yet, in none while p holds a
+// download slot, else in a resolve slot it waits for.
 func (s *Service) resolveFor(ctx context.Context, p *pullPlan, src puller.Reference) (ocispec.Descriptor, puller.Credential, error) {
 	if held := p.held; held != nil {
 		p.held = nil
 		defer held()
+		return s.resolveHeld(ctx, p.st, src, p.acc)
+	}
+	if p.inSlot {
 		return s.resolveHeld(ctx, p.st, src, p.acc)
 	}
 	return s.resolveAt(ctx, p.st, src, p.acc)
@@ -449,6 +473,7 @@ func (s *Service) failed(ctx context.Context, p *pullPlan, src puller.Reference,
 // from the sources after it while they fail. cached is true when a source
 // after a failed one names a module that is on the node.
 func (s *Service) downloadPlan(ctx context.Context, p *pullPlan) (store.RefRecord, bool, error) {
+	p.inSlot = true
 	for {
 		s.log.Info("pulling module", "image", p.ref.Original, "source", p.src.Registry, "manifest", p.d.Digest)
 		rec, err := s.download(ctx, p.st, p.ref, p.src, p.d, p.cred, p.acc.key)

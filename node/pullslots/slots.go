@@ -214,8 +214,8 @@ func run(starts []func()) {
 }
 
 // OnIdle makes fn run, in a goroutine of its own, each time the slots have
-// stayed idle (no download running or waiting) for d after being used: the
-// moment to give a burst's memory back.
+// stayed idle (no download or manifest request running or waiting) for d
+// after being used: the moment to give a burst's memory back.
 func (s *Slots) OnIdle(d time.Duration, fn func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
