@@ -533,14 +533,7 @@ func TestQueuedPullsHoldNoGoroutine(t *testing.T) {
 	go func() { firstDone <- e.svc.Publish(context.Background(), reqs[0]) }()
 	<-e.reg.pulling // the one slot is taken
 	before := runtime.NumGoroutine()
-	for _, req := range reqs[1:] {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-		err := e.svc.Publish(ctx, req)
-		cancel()
-		if !isKind(err, errdefs.ErrPullPending) {
-			t.Fatalf("publish of %s while the slot is held: %v, want ErrPullPending", req.Image.Original, err)
-		}
-	}
+	e.publishAndGiveUp(t, "while the slot is held", reqs[1:]...)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, waiting := e.svc.slots.Counts()
@@ -586,14 +579,7 @@ func TestPullsWaitingToResolveHoldNoGoroutine(t *testing.T) {
 	const waiting = 200
 	reqs := e.distinctImages(t, "r", bound+waiting, PullIfNotPresent)
 	before := runtime.NumGoroutine()
-	for _, req := range reqs {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-		err := e.svc.Publish(ctx, req)
-		cancel()
-		if !isKind(err, errdefs.ErrPullPending) {
-			t.Fatalf("publish of %s while manifest requests are held: %v, want ErrPullPending", req.Image.Original, err)
-		}
-	}
+	e.publishAndGiveUp(t, "while manifest requests are held", reqs...)
 	deadline := time.Now().Add(10 * time.Second)
 	for e.reg.resolvingNow() < bound && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
@@ -644,5 +630,20 @@ func TestQueuedPullTimesOut(t *testing.T) {
 	}
 	if got := e.reg.pullCount(); got != 1 {
 		t.Errorf("%d downloads, want 1: the pull that timed out in the queue downloaded", got)
+	}
+}
+
+// publishAndGiveUp publishes each of reqs with a deadline its pull cannot
+// meet, as kubelet's call that runs out of time, and fails unless each
+// returns ErrPullPending (the pull goes on; while says why it cannot end).
+func (e *unitEnv) publishAndGiveUp(t *testing.T, while string, reqs ...PublishRequest) {
+	t.Helper()
+	for _, req := range reqs {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		err := e.svc.Publish(ctx, req)
+		cancel()
+		if !isKind(err, errdefs.ErrPullPending) {
+			t.Fatalf("publish of %s %s: %v, want ErrPullPending", req.Image.Original, while, err)
+		}
 	}
 }
