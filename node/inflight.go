@@ -2,6 +2,7 @@ package node
 
 import (
 	"sync"
+	"time"
 
 	"github.com/wasm-csi/wasm-csi/node/store"
 )
@@ -21,6 +22,12 @@ type pullCall struct {
 	done chan struct{}
 	res  pullResult
 	err  error
+	// waiting counts the publishes waiting on the pull, and last is when
+	// one last joined or left it (abandon.go); ended is set by end.
+	// inflight.mu guards them.
+	waiting int
+	last    time.Time
+	ended   bool
 }
 
 type pullResult struct {
@@ -37,25 +44,49 @@ type inflight struct {
 }
 
 // join returns the pull of key in flight, or records a new one and reports
-// that the caller must run it (and end it with end).
-func (f *inflight) join(key string) (c *pullCall, leader bool) {
+// that the caller must run it (and end it with end). The caller counts as
+// waiting on the pull until it calls leave.
+func (f *inflight) join(key string) (c *pullCall, leader bool, leave func()) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if c := f.m[key]; c != nil {
-		return c, false
+	c = f.m[key]
+	if c == nil {
+		if f.m == nil {
+			f.m = map[string]*pullCall{}
+		}
+		c = &pullCall{done: make(chan struct{})}
+		f.m[key] = c
+		leader = true
 	}
-	if f.m == nil {
-		f.m = map[string]*pullCall{}
+	c.waiting++
+	c.last = time.Now()
+	return c, leader, func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		c.waiting--
+		c.last = time.Now()
 	}
-	c = &pullCall{done: make(chan struct{})}
-	f.m[key] = c
-	return c, true
+}
+
+// idle is how long nobody has waited on or asked for pull c (0 while one
+// waits); ended is true once the pull has ended.
+func (f *inflight) idle(c *pullCall, now time.Time) (d time.Duration, ended bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if c.ended {
+		return 0, true
+	}
+	if c.waiting > 0 {
+		return 0, false
+	}
+	return now.Sub(c.last), false
 }
 
 // end records the outcome of the pull of key and wakes everyone waiting on
 // it. A publish arriving from now on starts a new pull.
 func (f *inflight) end(key string, c *pullCall, res pullResult, err error) {
 	f.mu.Lock()
+	c.ended = true
 	if f.m[key] == c {
 		delete(f.m, key)
 		if len(f.m) == 0 {

@@ -160,8 +160,8 @@ func (s *Service) checkAccess(ctx context.Context, ref puller.Reference, rec sto
 // (holdCaller); a background pull (pre-pull) always waits.
 func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, call bool) (store.RefRecord, bool, string, error) {
 	key := ref.String()
-	defer s.askers.ask(key)()
-	c, leader := s.flights.join(key)
+	c, leader, leave := s.flights.join(key)
+	defer leave()
 	if leader {
 		s.startPull(context.WithoutCancel(ctx), c, key, ref, acc)
 	}
@@ -199,7 +199,6 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 	// An image that keeps failing is not asked for again before its
 	// damping window ends (damping.go).
 	if err := s.damp.check(key, acc.key); err != nil {
-		s.askers.forget(key)
 		s.flights.end(key, c, pullResult{}, err)
 		return
 	}
@@ -208,7 +207,6 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 	end := func(rec store.RefRecord, cached bool, err error) {
 		cancel()
 		s.damp.done(key, acc.key, err)
-		s.askers.forget(key)
 		s.flights.end(key, c, pullResult{rec, cached, acc.key}, err)
 	}
 	queued(s.slots.WaitResolve, func(release func()) {
@@ -218,7 +216,7 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 			end(rec, err == nil, err)
 			return
 		}
-		s.queueDownload(ctx, key, p, end)
+		s.queueDownload(ctx, key, c, p, end)
 	}, func(leave func() bool) []func() {
 		return []func(){s.afterTimeout(ctx, leave, end, func() error {
 			return errdefs.New(errdefs.ErrUnavailable, ref.Original, ctx.Err(),
@@ -234,7 +232,7 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 // pull timeout) ends or no publish has asked for it for s.abandonAfter;
 // publishes that give up leave the pull queued, and their retries join it
 // in its place.
-func (s *Service) queueDownload(ctx context.Context, key string, p *pullPlan, end func(store.RefRecord, bool, error)) {
+func (s *Service) queueDownload(ctx context.Context, key string, c *pullCall, p *pullPlan, end func(store.RefRecord, bool, error)) {
 	if s.slots.WillWait(key) {
 		running, waiting := s.slots.Counts()
 		s.log.Info("waiting for a pull slot", "image", p.ref.Original, "inFlight", running, "waiting", waiting, "slots", s.slots.Limit())
@@ -246,7 +244,8 @@ func (s *Service) queueDownload(ctx context.Context, key string, p *pullPlan, en
 		release()
 		end(rec, cached, err)
 	}, func(leave func() bool) []func() {
-		abandoned := s.askers.watchAbandon(key, s.abandonAfter, func(error) {
+		idle := func(now time.Time) (time.Duration, bool) { return s.flights.idle(c, now) }
+		abandoned := watchAbandon(idle, s.abandonAfter, func(error) {
 			if leave() {
 				// Not a failure (not damped, no Failed event): a pod
 				// that asks again queues the pull again.

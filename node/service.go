@@ -195,7 +195,6 @@ type Service struct {
 	slots    *pullslots.Slots
 	waiting  pullWaiters
 	held     atomic.Int64 // publishes waiting in their call for a pull (pull.go holdCaller)
-	askers   askers       // who waits on or asked for each pull (abandon.go)
 	// abandonAfter: a queued pull nobody asked for that long leaves the queue.
 	abandonAfter time.Duration
 
