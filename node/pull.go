@@ -190,7 +190,8 @@ func (s *Service) pull(ctx context.Context, ref puller.Reference, acc access, ca
 // startPull starts the pull c of ref and returns at once. The pull first
 // waits for a resolve slot, then runs planPull holding it (what a tag
 // names, and whether the module is on the node already), then waits for a
-// download slot and downloads. While it waits for a slot it is a record in
+// download slot and downloads. Each slot bounds the manifest requests made
+// while it is held: one at a time, on the pull's own goroutine. While it waits for a slot it is a record in
 // that slot's queue (pullslots), not a goroutine: a burst of 1,000 pulls
 // kept ~1,000 goroutines waiting before. Each wait ends with the pull
 // timeout; the wait for a download slot also ends when nobody asks for the
@@ -210,7 +211,7 @@ func (s *Service) startPull(ctx context.Context, c *pullCall, key string, ref pu
 		s.flights.end(key, c, pullResult{rec, cached, acc.key}, err)
 	}
 	queued(s.slots.WaitResolve, func(release func()) {
-		p, rec, done, err := s.planPull(ctx, ref, acc, release, started)
+		p, rec, done, err := s.planPull(ctx, ref, acc, started)
 		release()
 		if done {
 			end(rec, err == nil, err)
@@ -355,13 +356,6 @@ type pullPlan struct {
 	// for its digest in the same pull.
 	down    map[int]bool
 	lastErr error
-	// held is the release of the resolve slot the pull started with, for
-	// its first manifest request (resolveFor); nil once used.
-	held func()
-	// inSlot: the pull holds a download slot, which bounds its manifest
-	// requests (a mirror fallback's) without a resolve slot: it does not
-	// keep a download slot idle in the queue for one.
-	inSlot bool
 	// next is the source to download from, src the reference to ask it
 	// for, d its manifest and cred the credential it took.
 	next int
@@ -373,11 +367,11 @@ type pullPlan struct {
 // planPull resolves ref's tag and finds the first source to download from,
 // without a pull slot: a module already on the node, under a tag or a
 // digest asked for with pullPolicy Always, is never queued behind
-// downloads. It holds a resolve slot (held, its release) for its first
-// manifest request; start is when the pull started. done is true when the pull ends here: the module is on
-// the node (rec) or no source serves it (err).
-func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access, held func(), start time.Time) (p *pullPlan, rec store.RefRecord, done bool, err error) {
-	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: start, resolvedAt: -1, down: map[int]bool{}, held: held}
+// downloads. Its caller holds a resolve slot; start is when the pull
+// started. done is true when the pull ends here: the module is on the node
+// (rec) or no source serves it (err).
+func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access, start time.Time) (p *pullPlan, rec store.RefRecord, done bool, err error) {
+	p = &pullPlan{st: s.cur.Load(), ref: ref, acc: acc, start: start, resolvedAt: -1, down: map[int]bool{}}
 	if p.srcs, err = p.st.puller.Sources(ref); err != nil {
 		return nil, store.RefRecord{}, true, err
 	}
@@ -386,7 +380,7 @@ func (s *Service) planPull(ctx context.Context, ref puller.Reference, acc access
 			if !src.CanResolve() {
 				continue
 			}
-			if p.desc, p.used, err = s.resolveFor(ctx, p, src); err == nil {
+			if p.desc, p.used, err = s.resolveHeld(ctx, p.st, src, p.acc); err == nil {
 				p.resolvedAt = i
 				break
 			}
@@ -425,7 +419,7 @@ func (s *Service) sourceFrom(ctx context.Context, p *pullPlan, i int) (rec store
 			if p.ref.Digest == "" {
 				src.Tag, src.Digest = "", p.desc.Digest
 			}
-			if d, cred, err = s.resolveFor(ctx, p, src); err != nil {
+			if d, cred, err = s.resolveHeld(ctx, p.st, src, p.acc); err != nil {
 				if s.failed(ctx, p, src, err) {
 					return store.RefRecord{}, true, p.lastErr
 				}
@@ -444,21 +438,6 @@ func (s *Service) sourceFrom(ctx context.Context, p *pullPlan, i int) (rec store
 	return store.RefRecord{}, true, p.lastErr
 }
 
-// resolveFor asks src which manifest it names for pull p: in the resolve
-// slot p started with if it has not been used yet, in none while p holds a
-// download slot, else in a resolve slot it waits for.
-func (s *Service) resolveFor(ctx context.Context, p *pullPlan, src puller.Reference) (ocispec.Descriptor, puller.Credential, error) {
-	if held := p.held; held != nil {
-		p.held = nil
-		defer held()
-		return s.resolveHeld(ctx, p.st, src, p.acc)
-	}
-	if p.inSlot {
-		return s.resolveHeld(ctx, p.st, src, p.acc)
-	}
-	return s.resolveAt(ctx, p.st, src, p.acc)
-}
-
 // failed records a source's failure and says whether to stop the pull.
 func (s *Service) failed(ctx context.Context, p *pullPlan, src puller.Reference, err error) bool {
 	p.lastErr = err
@@ -472,7 +451,6 @@ func (s *Service) failed(ctx context.Context, p *pullPlan, src puller.Reference,
 // from the sources after it while they fail. cached is true when a source
 // after a failed one names a module that is on the node.
 func (s *Service) downloadPlan(ctx context.Context, p *pullPlan) (store.RefRecord, bool, error) {
-	p.inSlot = true
 	for {
 		s.log.Info("pulling module", "image", p.ref.Original, "source", p.src.Registry, "manifest", p.d.Digest)
 		rec, err := s.download(ctx, p.st, p.ref, p.src, p.d, p.cred, p.acc.key)
@@ -505,7 +483,8 @@ func (s *Service) resolveAt(ctx context.Context, st *settings, src puller.Refere
 	return s.resolveHeld(ctx, st, src, acc)
 }
 
-// resolveHeld is resolveAt for a caller holding a resolve slot.
+// resolveHeld is resolveAt for a caller holding a slot: a resolve slot, or
+// a pull's download slot (a mirror fallback's request).
 func (s *Service) resolveHeld(ctx context.Context, st *settings, src puller.Reference, acc access) (ocispec.Descriptor, puller.Credential, error) {
 	attempts, err := st.puller.Attempts(ctx, src, acc.keyrings...)
 	if err != nil {
