@@ -23,11 +23,9 @@ type pullCall struct {
 	res  pullResult
 	err  error
 	// waiting counts the publishes waiting on the pull, and last is when
-	// one last joined or left it (abandon.go); ended is set by end.
-	// inflight.mu guards them.
+	// one last joined or left it (abandon.go). inflight.mu guards them.
 	waiting int
 	last    time.Time
-	ended   bool
 }
 
 type pullResult struct {
@@ -71,11 +69,13 @@ func (f *inflight) join(key string) (c *pullCall, leader bool, leave func()) {
 // idle is how long nobody has waited on or asked for pull c (0 while one
 // waits); ended is true once the pull has ended.
 func (f *inflight) idle(c *pullCall, now time.Time) (d time.Duration, ended bool) {
+	select {
+	case <-c.done:
+		return 0, true
+	default:
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if c.ended {
-		return 0, true
-	}
 	if c.waiting > 0 {
 		return 0, false
 	}
@@ -86,7 +86,6 @@ func (f *inflight) idle(c *pullCall, now time.Time) (d time.Duration, ended bool
 // it. A publish arriving from now on starts a new pull.
 func (f *inflight) end(key string, c *pullCall, res pullResult, err error) {
 	f.mu.Lock()
-	c.ended = true
 	if f.m[key] == c {
 		delete(f.m, key)
 		if len(f.m) == 0 {
