@@ -273,7 +273,12 @@ func (s *Slots) armIdle() {
 
 // inc and dec count key in m. A map that empties is dropped: Go maps do not
 // shrink, and a burst's would keep its 1,000 entries' worth of table.
+// Resolve requests have no key (""): they are not counted per key, and
+// make no map.
 func inc(m map[string]int, key string) map[string]int {
+	if key == "" {
+		return m
+	}
 	if m == nil {
 		m = map[string]int{}
 	}
@@ -282,6 +287,9 @@ func inc(m map[string]int, key string) map[string]int {
 }
 
 func dec(m map[string]int, key string) map[string]int {
+	if key == "" {
+		return m
+	}
 	if m[key] > 1 {
 		m[key]--
 		return m
