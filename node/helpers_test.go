@@ -3,6 +3,7 @@ package node
 import (
 	"os"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -42,4 +43,13 @@ func mustRead(t *testing.T, p string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// waitUntil polls cond until it holds or 10 s have passed; the caller then
+// asserts what it waited for.
+func waitUntil(cond func() bool) {
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
 }

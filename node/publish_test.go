@@ -366,10 +366,7 @@ func TestManifestRequestsBounded(t *testing.T) {
 		go func() { errs <- e.svc.Publish(context.Background(), req) }()
 	}
 	e.events.waitPulling(t, n)
-	deadline := time.Now().Add(10 * time.Second)
-	for e.reg.resolvingNow() < bound && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	waitUntil(func() bool { return e.reg.resolvingNow() >= bound })
 	// Give the others the time to (wrongly) reach the registry.
 	time.Sleep(100 * time.Millisecond)
 	if got := e.reg.resolvingNow(); got != bound {
@@ -534,16 +531,9 @@ func TestQueuedPullsHoldNoGoroutine(t *testing.T) {
 	<-e.reg.pulling // the one slot is taken
 	before := runtime.NumGoroutine()
 	e.publishAndGiveUp(t, "while the slot is held", reqs[1:]...)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, waiting := e.svc.slots.Counts()
-		if waiting == n {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d pulls waiting for the slot, want %d", waiting, n)
-		}
-		time.Sleep(time.Millisecond)
+	waitUntil(func() bool { _, waiting := e.svc.slots.Counts(); return waiting == n })
+	if _, waiting := e.svc.slots.Counts(); waiting != n {
+		t.Fatalf("%d pulls waiting for the slot, want %d", waiting, n)
 	}
 	// Allow for the runtime's and the test's own; a goroutine per queued
 	// pull would be n more.
@@ -580,10 +570,7 @@ func TestPullsWaitingToResolveHoldNoGoroutine(t *testing.T) {
 	reqs := e.distinctImages(t, "r", bound+waiting, PullIfNotPresent)
 	before := runtime.NumGoroutine()
 	e.publishAndGiveUp(t, "while manifest requests are held", reqs...)
-	deadline := time.Now().Add(10 * time.Second)
-	for e.reg.resolvingNow() < bound && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	waitUntil(func() bool { return e.reg.resolvingNow() >= bound })
 	if got := e.reg.resolvingNow(); got != bound {
 		t.Fatalf("%d manifest requests held, want %d", got, bound)
 	}
